@@ -1,0 +1,18 @@
+"""fcnjax.data: segmentation datasets, size buckets and the Grain input pipeline.
+
+Modules (each one job):
+  * :mod:`~fcnjax.data.palette` - VOC class names, VOC palette, pixel-format conversion.
+  * :mod:`~fcnjax.data.readers` - VOC 2012 / SBD / SegmentationClassAug / folder sources.
+  * :mod:`~fcnjax.data.validation` - error policy (``on_error="raise"|"skip"``) and reports.
+  * :mod:`~fcnjax.data.synthetic` - a built-in VOC-layout dataset written to disk.
+  * :mod:`~fcnjax.data.buckets` - bucket-shape planner (min padded area), batch sizes.
+  * :mod:`~fcnjax.data.augment` - flip / scale / colour jitter, deterministic per (seed, epoch, index).
+  * :mod:`~fcnjax.data.pipeline` - per-epoch plans and the Grain train / eval loaders.
+  * ``python -m fcnjax.data.stats ROOT|SIZES.csv`` - size statistics and bucket plans.
+  * ``python -m fcnjax.data.check ROOT`` - scan a dataset for bad files.
+"""
+
+from fcnjax.data.palette import IGNORE, NUM_VOC_CLASSES, VOC_CLASSES, VOC_PALETTE, colorize
+from fcnjax.data.readers import (BINARY_MAP, PETS_TRIMAP, SegmentationSource, folder_source,
+                                 open_source, sbd_source, voc_aug_source, voc_source)
+from fcnjax.data.validation import DataError, ErrorReport
