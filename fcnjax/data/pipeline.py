@@ -1,0 +1,296 @@
+"""The Grain input pipeline: per-epoch bucket plans turned into padded batches.
+
+What the training loop uses::
+
+    from fcnjax.data import readers, pipeline, augment
+    train_src = readers.voc_source(root, "train"); val_src = readers.voc_source(root, "val")
+    train = pipeline.make_train_loader(train_src, batch_size=8, num_devices=jax.device_count(),
+                                       seed=0, num_epochs=50, max_buckets=8,
+                                       augment=augment.Augment(flip=True, scale_range=(0.5, 2.0)))
+    it = iter(train)                       # grain DatasetIterator over all epochs
+    for step, batch in enumerate(it): ... # it.get_state() / it.set_state(state) to checkpoint
+    train.bucket_shapes                    # [(H, W), ...]: one train-step compile each
+    train.batches_per_epoch, len(train)    # per-epoch batch counts, total batches
+    train.epoch_and_batch(step)            # which epoch / batch-in-epoch a global step is
+    print(train.report())                  # bucket plan, waste, batch sizes
+    val = pipeline.make_eval_loader(val_src, batch_size=8, num_devices=jax.device_count())
+    for batch in val: ...                  # every val image exactly once; dummies have mask False
+
+A batch is a dict of numpy arrays, H x W = its bucket's shape, B = the bucket's batch size (divided
+by ``process_count`` on each host):
+  * ``"image"`` (B, H, W, 3) float32: ``preprocessing.fn(rgb uint8)`` (default
+    :data:`fcnjax.preprocessing.CAFFE`), then zero-padded at the bottom/right (padding is exactly 0).
+  * ``"label"`` (B, H, W) uint8: class indices, 255 (ignore) on void pixels and all padding.
+  * ``"mask"`` (B, H, W) bool: True on the real image's pixels (False on padding, dummies, and
+    examples that failed to decode under ``on_error="skip"``).
+  * ``"index"`` (B,) int32: the example's index in the source, -1 for dummy (padding) examples.
+
+Per-epoch plan (pure function of (seed, epoch), see :func:`make_epoch_plan`): draw augmentation
+(the scale decides each image's size), assign each image to the smallest bucket that holds it,
+shuffle within buckets, cut into batches, shuffle the batch order. Every image appears exactly once
+per epoch with ``remainder="pad"`` (the last partial batch of each bucket is filled with masked
+dummies; always so for evaluation). ``remainder="drop"`` drops it; ``"fill"`` fills it with other
+images of the same bucket drawn at random (those appear twice, unmasked).
+
+Multi-host: every process computes the same global plan; process p loads rows
+[p*B/P, (p+1)*B/P) of each batch. Give ``num_devices=jax.device_count()`` (global),
+``process_index=jax.process_index()``, ``process_count=jax.process_count()``, then
+``jax.make_array_from_process_local_data(sharding, batch[k])``.
+
+Workers: ``num_workers > 0`` decodes in grain ``mp_prefetch`` worker processes (spawned: the main
+script needs an ``if __name__ == "__main__":`` guard); the batches are identical to
+``num_workers=0`` and are copied out of shared memory before they reach you. Checkpointing: the
+iterator's ``get_state()`` is a small dict (JSON-able); ``set_state`` on a fresh iterator of a loader
+built with the same arguments continues with exactly the batches an uninterrupted run would give.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import grain
+import numpy as np
+
+from fcnjax import preprocessing as preprocessing_lib
+from fcnjax.data import augment as augment_lib
+from fcnjax.data import buckets as buckets_lib
+from fcnjax.data.palette import IGNORE
+
+REMAINDER = ("pad", "drop", "fill")
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+  """One epoch's batches. ``bucket`` (num_batches,) bucket index per batch; ``rows`` list of
+  (B_bucket,) int64 example indices (-1 = dummy); ``out_sizes`` (N, 2) each example's (h, w) after
+  scaling; ``aug`` the epoch's :class:`~fcnjax.data.augment.AugmentParams`."""
+
+  bucket: np.ndarray
+  rows: list
+  out_sizes: np.ndarray
+  aug: augment_lib.AugmentParams
+
+  def __len__(self):
+    return len(self.rows)
+
+
+def make_epoch_plan(sizes, bucket_shapes, batch_sizes, *, seed: int, epoch: int,
+                    shuffle: bool = True, augment: augment_lib.Augment | None = None,
+                    remainder: str = "pad") -> EpochPlan:
+  """Deterministic batch plan for one epoch (see module docstring).
+
+  ``sizes`` (N, 2) (h, w) of the source images; ``bucket_shapes`` (K, 2); ``batch_sizes`` (K,).
+  Without ``shuffle`` batches come bucket by bucket, images in index order.
+  """
+  if remainder not in REMAINDER:
+    raise ValueError(f"remainder must be one of {REMAINDER}, got {remainder!r}")
+  sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
+  shapes = np.asarray(bucket_shapes, np.int64).reshape(-1, 2)
+  n = len(sizes)
+  params = augment_lib.draw_params(augment, seed, epoch, n)
+  out = augment_lib.fit_sizes(augment_lib.scaled_sizes(sizes, params.scale), shapes)
+  which = buckets_lib.assign_buckets(out, shapes)
+  rng = np.random.default_rng((int(seed), int(epoch), 1))
+  batches, bucket_of = [], []
+  for k in range(len(shapes)):
+    idx = np.flatnonzero(which == k)
+    if shuffle:
+      idx = rng.permutation(idx)
+    bs = int(batch_sizes[k])
+    for start in range(0, len(idx), bs):
+      rows = idx[start:start + bs]
+      if len(rows) < bs:
+        if remainder == "drop":
+          continue
+        if remainder == "fill":
+          rows = np.concatenate([rows, rng.choice(idx, bs - len(rows), replace=len(idx) < bs)])
+        else:
+          rows = np.concatenate([rows, np.full(bs - len(rows), -1, np.int64)])
+      batches.append(rows.astype(np.int64))
+      bucket_of.append(k)
+  order = rng.permutation(len(batches)) if shuffle else np.arange(len(batches))
+  return EpochPlan(np.asarray(bucket_of, np.int64)[order], [batches[i] for i in order], out, params)
+
+
+class LoadBatch:
+  """Grain transform: global batch number -> this process's rows of that batch (a dict).
+
+  Picklable (sent to worker processes); each process re-derives the epoch plans it needs.
+  """
+
+  def __init__(self, source, bucket_shapes, batch_sizes, epoch_starts, *, seed, start_epoch,
+               shuffle, augment, remainder, preprocessing, process_index, process_count):
+    self.source = source
+    self.shapes = np.asarray(bucket_shapes, np.int64)
+    self.batch_sizes = np.asarray(batch_sizes, np.int64)
+    self.epoch_starts = np.asarray(epoch_starts, np.int64)
+    self.seed, self.start_epoch, self.shuffle = seed, start_epoch, shuffle
+    self.augment, self.remainder, self.preprocessing = augment, remainder, preprocessing
+    self.process_index, self.process_count = process_index, process_count
+    self._plans = {}
+
+  def plan(self, epoch: int) -> EpochPlan:
+    if epoch not in self._plans:
+      if len(self._plans) >= 2:
+        self._plans.pop(next(iter(self._plans)))
+      self._plans[epoch] = make_epoch_plan(
+          self.source.sizes, self.shapes, self.batch_sizes, seed=self.seed, epoch=epoch,
+          shuffle=self.shuffle, augment=self.augment, remainder=self.remainder)
+    return self._plans[epoch]
+
+  def locate(self, i: int) -> tuple:
+    """Global batch number -> (epoch, batch number within that epoch)."""
+    e = int(np.searchsorted(self.epoch_starts, i, side="right")) - 1
+    return self.start_epoch + e, int(i - self.epoch_starts[e])
+
+  def __call__(self, i):
+    epoch, b = self.locate(int(i))
+    plan = self.plan(epoch)
+    rows = plan.rows[b]
+    per = len(rows) // self.process_count
+    rows = rows[self.process_index * per:(self.process_index + 1) * per]
+    H, W = (int(v) for v in self.shapes[plan.bucket[b]])
+    out = {"image": np.zeros((len(rows), H, W, 3), np.float32),
+           "label": np.full((len(rows), H, W), IGNORE, np.uint8),
+           "mask": np.zeros((len(rows), H, W), bool),
+           "index": rows.astype(np.int32)}
+    for r, idx in enumerate(rows):
+      if idx < 0:
+        continue
+      ex = self.source[int(idx)]
+      image, label = augment_lib.apply(ex["image"], ex["label"], plan.out_sizes[idx],
+                                       bool(plan.aug.flip[idx]), plan.aug.jitter[idx])
+      h, w = label.shape
+      out["image"][r, :h, :w] = self.preprocessing(image)
+      out["label"][r, :h, :w] = label
+      out["mask"][r, :h, :w] = ex.get("valid", True)
+    return out
+
+
+def _copy_batch(batch):
+  """Own copies of the arrays (worker output lives in shared memory that grain recycles)."""
+  return {k: np.array(v, copy=True) for k, v in batch.items()}
+
+
+def _ensure_absl_flags():
+  try:
+    from absl import flags
+  except ImportError:  # grain depends on absl; be tolerant anyway
+    return
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(sys.argv[:1], known_only=True)
+
+
+@dataclasses.dataclass
+class Loader:
+  """A grain ``IterDataset`` of batches plus what the training loop needs to know about it.
+
+  ``iter(loader)`` gives a grain ``DatasetIterator`` (``get_state()``/``set_state()``).
+  ``bucket_shapes``: list of (H, W); ``batch_sizes``: global batch size per bucket;
+  ``local_batch_sizes``: rows per process; ``batches_per_epoch``: list, one per epoch;
+  ``len(loader)``: total batches; ``plan``: the :class:`~fcnjax.data.buckets.BucketPlan`.
+  """
+
+  dataset: grain.IterDataset
+  bucket_shapes: list
+  batch_sizes: list
+  local_batch_sizes: list
+  batches_per_epoch: list
+  start_epoch: int
+  plan: buckets_lib.BucketPlan
+  load: LoadBatch
+
+  def __iter__(self):
+    return iter(self.dataset)
+
+  def __len__(self):
+    return int(sum(self.batches_per_epoch))
+
+  def epoch_and_batch(self, step: int) -> tuple:
+    """Global step (batch number since ``start_epoch``) -> (epoch, batch within the epoch)."""
+    return self.load.locate(step)
+
+  def report(self) -> str:
+    lines = [self.plan.report().splitlines()[0]]
+    for (h, w), bs, c in zip(self.bucket_shapes, self.batch_sizes, self.plan.counts):
+      lines.append(f"  {h:5d} x {w:<5d} batch {bs:4d}  ({int(c)} planned images)")
+    n = len(self.batches_per_epoch)
+    lines.append(f"{len(self)} batches over {n} epoch(s) from epoch {self.start_epoch} "
+                 f"({min(self.batches_per_epoch)}-{max(self.batches_per_epoch)} per epoch)")
+    return "\n".join(lines)
+
+
+def make_loader(source, *, seed: int = 0, num_epochs: int = 1, start_epoch: int = 0,
+                shuffle: bool = True, augment: augment_lib.Augment | None = None,
+                remainder: str = "pad", bucket_shapes=None, max_buckets=8, granularity: int = 1,
+                batch_size: int | None = None, pixels_per_batch: int | None = None,
+                num_devices: int = 1, process_index: int = 0, process_count: int = 1,
+                preprocessing=preprocessing_lib.CAFFE, num_workers: int = 0,
+                num_threads: int = 2, prefetch_batches: int = 2,
+                plan_kwargs: dict | None = None) -> Loader:
+  """Batches of ``source`` for epochs ``start_epoch .. start_epoch + num_epochs - 1``.
+
+  Buckets: ``bucket_shapes`` [(H, W), ...] if given, else planned with
+  :func:`~fcnjax.data.buckets.plan_buckets` (``max_buckets`` int or "auto", ``granularity``,
+  ``plan_kwargs`` for the auto cost model) on the source sizes at the scales ``augment`` can draw.
+  Batch sizes: ``batch_size`` (fixed) or ``pixels_per_batch`` (per bucket), multiples of
+  ``num_devices`` (global device count) and of ``process_count``.
+  """
+  if batch_size is None and pixels_per_batch is None:
+    batch_size = num_devices
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  sizes = source.sizes
+  plan_sizes = augment_lib.planning_sizes(sizes, augment)
+  if bucket_shapes is None:
+    plan = buckets_lib.plan_buckets(plan_sizes, max_buckets, granularity=granularity,
+                                    **(plan_kwargs or {}))
+  else:
+    shapes = buckets_lib.sort_shapes(bucket_shapes)
+    fitted = augment_lib.fit_sizes(plan_sizes, shapes)
+    b = buckets_lib.assign_buckets(fitted, shapes)
+    plan = buckets_lib.BucketPlan(shapes, np.bincount(b, minlength=len(shapes)),
+                                  int((fitted[:, 0] * fitted[:, 1]).sum()),
+                                  int((shapes[b, 0] * shapes[b, 1]).sum()), granularity)
+  shapes = plan.shapes
+  bsz = buckets_lib.batch_sizes(shapes, batch_size=batch_size, pixels_per_batch=pixels_per_batch,
+                                num_devices=num_devices)
+  if (bsz % process_count).any():
+    raise ValueError(f"batch sizes {bsz.tolist()} not divisible by process_count {process_count}")
+  counts = [len(make_epoch_plan(sizes, shapes, bsz, seed=seed, epoch=e, shuffle=shuffle,
+                                augment=augment, remainder=remainder))
+            for e in range(start_epoch, start_epoch + num_epochs)]
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+  load = LoadBatch(source, shapes, bsz, starts, seed=seed, start_epoch=start_epoch,
+                   shuffle=shuffle, augment=augment, remainder=remainder,
+                   preprocessing=preprocessing, process_index=process_index,
+                   process_count=process_count)
+  ds = grain.MapDataset.range(int(sum(counts))).map(load)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads),
+                                            prefetch_buffer_size=max(1, prefetch_batches)))
+  if num_workers > 0:
+    _ensure_absl_flags()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                     per_worker_buffer_size=prefetch_batches))
+    ds = ds.map(_copy_batch)
+  return Loader(ds, plan.shape_list, bsz.tolist(), (bsz // process_count).tolist(), counts,
+                start_epoch, plan, load)
+
+
+def make_train_loader(source, *, seed: int = 0, num_epochs: int = 1, start_epoch: int = 0,
+                      augment: augment_lib.Augment | None = augment_lib.Augment(),
+                      remainder: str = "pad", **kw) -> Loader:
+  """Shuffled, augmented batches over ``num_epochs`` epochs (see :func:`make_loader`)."""
+  return make_loader(source, seed=seed, num_epochs=num_epochs, start_epoch=start_epoch,
+                     shuffle=True, augment=augment, remainder=remainder, **kw)
+
+
+def make_eval_loader(source, **kw) -> Loader:
+  """One pass over ``source``, no augmentation, bucket by bucket in index order, every image
+  exactly once (partial batches padded with dummies: ``index`` -1, ``mask`` False)."""
+  for k in ("augment", "remainder", "shuffle", "num_epochs", "start_epoch"):
+    if k in kw:
+      raise TypeError(f"make_eval_loader does not take {k!r}")
+  return make_loader(source, seed=0, num_epochs=1, shuffle=False, augment=None,
+                     remainder="pad", **kw)
