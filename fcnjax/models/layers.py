@@ -1,0 +1,217 @@
+"""FCN building blocks as Flax NNX modules. All tensors are NHWC.
+
+* :class:`ConvBlock` — VGG-style ``n × (3×3 conv + ReLU)`` then a 2×2/2 max-pool (ceil or floor).
+* :class:`ScoreHead` — 1×1 conv to ``num_classes`` (zero-initialised, as the reference).
+* :class:`BilinearUpsample` — transposed conv by an integer factor, bilinear-initialised.
+* :func:`crop` / :func:`fuse` — crop a score map at an offset, and crop-then-sum skip fusion.
+
+Each layer also reports its :mod:`~fcnjax.models.geometry` coordinate map, so models derive crop
+offsets from the layers themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fcnjax.models import geometry
+
+
+def max_pool_2x2(x: jax.Array, rounding: str = "ceil") -> jax.Array:
+  """2×2 max-pool, stride 2, on NHWC ``x``.
+
+  ``rounding="ceil"`` is Caffe's pooling: an odd H (or W) gives ``(H + 1) // 2`` rows, the last
+  window seeing one real row (implemented by padding −inf at the bottom/right).
+  ``rounding="floor"`` is Flax/PyTorch's default (``H // 2``; the last odd row is dropped).
+  """
+  if rounding not in ("ceil", "floor"):
+    raise ValueError(f"rounding must be 'ceil' or 'floor', got {rounding!r}")
+  h, w = x.shape[1], x.shape[2]
+  pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0)) if rounding == "ceil" else "VALID"
+  return jax.lax.reduce_window(x, np.array(-np.inf, x.dtype), jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), pad)
+
+
+class ConvBlock(nnx.Module):
+  """VGG-style block: ``len(features)`` × (3×3 conv + [BatchNorm] + ReLU + [dropout]), then pool.
+
+  Args:
+    in_features: input channels.
+    features: output channels of each 3×3 conv, e.g. ``(64, 64)``.
+    first_padding: spatial padding of the first conv (the reference's conv1_1 uses 100); the
+      others use 1.
+    pool: ``"ceil"`` (Caffe, default), ``"floor"``, or ``None`` for no pooling.
+    batch_norm: add BatchNorm after each conv.
+    dropout: dropout rate after each ReLU (0 disables).
+    dtype: computation dtype (parameters stay float32).
+
+  Input (N, H, W, in_features) -> output (N, H', W', features[-1]) with H' = ceil(H'' / 2) for
+  ceil pooling, where H'' = H + 2 * (first_padding - 1) is the conv stack's output height.
+  """
+
+  def __init__(self, in_features: int, features: Sequence[int], *, first_padding: int = 1,
+               pool: str | None = "ceil", batch_norm: bool = False, dropout: float = 0.0,
+               dtype=None, rngs: nnx.Rngs):
+    self.pool = pool
+    self.first_padding = first_padding
+    convs, norms = [], []
+    c = in_features
+    for i, f in enumerate(features):
+      p = first_padding if i == 0 else 1
+      convs.append(nnx.Conv(c, f, (3, 3), padding=((p, p), (p, p)), dtype=dtype, rngs=rngs))
+      if batch_norm:
+        norms.append(nnx.BatchNorm(f, dtype=dtype, rngs=rngs))
+      c = f
+    self.convs = nnx.List(convs)
+    self.norms = nnx.List(norms) if batch_norm else None
+    self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+    self.out_features = c
+
+  def coord_map(self) -> geometry.CoordMap:
+    """Coordinate map from this block's input grid to its output grid."""
+    maps = [geometry.conv_map(3, 1, self.first_padding if i == 0 else 1)
+            for i in range(len(self.convs))]
+    if self.pool is not None:
+      maps.append(geometry.conv_map(2, 2, 0))
+    return geometry.compose(*maps)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i, conv in enumerate(self.convs):
+      x = conv(x)
+      if self.norms is not None:
+        x = self.norms[i](x)
+      x = jax.nn.relu(x)
+      if self.dropout is not None:
+        x = self.dropout(x)
+    if self.pool is not None:
+      x = max_pool_2x2(x, self.pool)
+    return x
+
+
+class ScoreHead(nnx.Module):
+  """1×1 conv from ``in_features`` to ``num_classes`` logits.
+
+  Zero-initialised by default, as the reference's score layers. ``input_scale`` multiplies the
+  input first by a fixed constant (the at-once FCN-8s uses 0.01 for pool4 and 0.0001 for pool3).
+  Input (N, H, W, in_features) -> (N, H, W, num_classes).
+  """
+
+  def __init__(self, in_features: int, num_classes: int, *, input_scale: float | None = None,
+               zero_init: bool = True, dtype=None, rngs: nnx.Rngs):
+    init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
+    self.input_scale = input_scale
+    self.conv = nnx.Conv(in_features, num_classes, (1, 1), padding="VALID", kernel_init=init,
+                         dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.input_scale is not None:
+      x = x * self.input_scale
+    return self.conv(x)
+
+
+def bilinear_kernel_1d(factor: int) -> np.ndarray:
+  """The 1-D bilinear interpolation kernel of size ``2 * factor`` (Caffe's ``upsample_filt``)."""
+  size = 2 * factor
+  center = factor - 0.5
+  og = np.arange(size, dtype=np.float64)
+  return (1 - np.abs(og - center) / factor).astype(np.float32)
+
+
+def bilinear_kernel(factor: int, channels: int) -> np.ndarray:
+  """Per-class bilinear kernel, shape (2f, 2f, channels, channels), zero off the diagonal.
+
+  Layout is (kh, kw, in, out) with *scatter* semantics (as torch's ConvTranspose2d and Caffe's
+  Deconvolution): ``out[s*i + a] += x[i] * W[a]``. From torch weight ``(in, out, k, k)`` use
+  ``W.transpose(2, 3, 0, 1)``.
+  """
+  k1 = bilinear_kernel_1d(factor)
+  w = np.zeros((2 * factor, 2 * factor, channels, channels), np.float32)
+  w[:, :, np.arange(channels), np.arange(channels)] = np.outer(k1, k1)[:, :, None]
+  return w
+
+
+class FixedKernel(nnx.Variable):
+  """A stored, non-trainable kernel (excluded from ``nnx.Param`` filters and optimizers)."""
+
+
+def transposed_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int = 0,
+                    feature_group_count: int = 1) -> jax.Array:
+  """Transposed convolution with scatter semantics (Caffe Deconvolution, torch ConvTranspose2d).
+
+  Args:
+    x: (N, H, W, Cin).
+    kernel: (k, k, Cin / groups, Cout), ``out[s*i + a - padding] += x[i] * kernel[a]``.
+    stride: upsampling factor ``s``.
+    padding: torch/Caffe padding ``p`` removed from each border of the full output.
+
+  Returns (N, (H - 1) * s + k - 2p, (W - 1) * s + k - 2p, Cout).
+  """
+  k = kernel.shape[0]
+  q = k - 1 - padding
+  return jax.lax.conv_general_dilated(
+      x, kernel[::-1, ::-1].astype(x.dtype), window_strides=(1, 1), padding=((q, q), (q, q)),
+      lhs_dilation=(stride, stride), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=feature_group_count)
+
+
+class BilinearUpsample(nnx.Module):
+  """Upsampling by an integer ``factor`` s: transposed conv, kernel 2s, stride s.
+
+  Initialised to bilinear interpolation per class. ``learnable=False`` (the reference) keeps the
+  kernel fixed: it is computed, not stored, and is applied per channel (depthwise), which is
+  exactly the reference's diagonal kernel at 1/C of the cost. ``learnable=True`` stores a full
+  (2s, 2s, C, C) ``nnx.Param`` (Caffe's Deconvolution layout, no bias).
+
+  ``padding`` is the torch/Caffe padding: 0 (the reference, output ``(H - 1) s + 2s``) or
+  ``s // 2`` (output ``s H`` exactly, used by the aligned variant).
+  Input (N, H, W, C) -> (N, (H - 1) s + 2s - 2p, (W - 1) s + 2s - 2p, C).
+  """
+
+  def __init__(self, channels: int, factor: int, *, padding: int = 0, learnable: bool = False,
+               rngs: nnx.Rngs | None = None):
+    if factor < 1 or int(factor) != factor:
+      raise ValueError(f"upsampling factor must be a positive integer, got {factor}")
+    self.channels = channels
+    self.factor = int(factor)
+    self.padding = int(padding)
+    self.learnable = learnable
+    if learnable:
+      self.kernel = nnx.Param(jnp.asarray(bilinear_kernel(self.factor, channels)))
+
+  @property
+  def kernel_size(self) -> int:
+    return 2 * self.factor
+
+  def coord_map(self) -> geometry.CoordMap:
+    return geometry.deconv_map(self.kernel_size, self.factor, self.padding)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.learnable:
+      return transposed_conv(x, self.kernel[...], self.factor, self.padding)
+    k1 = bilinear_kernel_1d(self.factor)
+    depthwise = np.broadcast_to(np.outer(k1, k1)[:, :, None, None],
+                                (self.kernel_size, self.kernel_size, 1, self.channels))
+    return transposed_conv(x, jnp.asarray(depthwise), self.factor, self.padding,
+                           feature_group_count=self.channels)
+
+
+def crop(x: jax.Array, offset: int, height: int, width: int) -> jax.Array:
+  """``x[:, offset:offset + height, offset:offset + width]`` with a clear error if it does not fit.
+
+  Shapes are static under ``jit``, so this is a plain slice.
+  """
+  h, w = x.shape[1], x.shape[2]
+  if offset < 0 or offset + height > h or offset + width > w:
+    raise ValueError(
+        f"crop does not fit: a {height}x{width} window at offset {offset} needs a map of at least "
+        f"{offset + height}x{offset + width}, got {h}x{w} (input too small for this geometry, or "
+        "floor pooling where the model needs ceil)")
+  return x[:, offset:offset + height, offset:offset + width, :]
+
+
+def fuse(upsampled: jax.Array, skip_scores: jax.Array, offset: int) -> jax.Array:
+  """Skip fusion: crop ``skip_scores`` at ``offset`` to ``upsampled``'s H×W and add."""
+  return upsampled + crop(skip_scores, offset, upsampled.shape[1], upsampled.shape[2])
