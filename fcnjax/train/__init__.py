@@ -1,0 +1,1 @@
+"""Training: loss, optimizers, metrics, sharded train step, checkpoints, loop."""
