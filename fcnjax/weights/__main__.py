@@ -1,0 +1,82 @@
+"""Command line: ``python -m fcnjax.weights {convert,inspect}``.
+
+``convert SRC DST --layout {torchvision-vgg16,pytorch-fcn} [--model fcn8s] [--num-classes N]
+[--preprocessing caffe|torchvision]`` writes an fcnjax ``.safetensors`` (with metadata: layout,
+model, num_classes, preprocessing, ...) that ``fcnjax.weights.load(DST)`` reads back directly.
+
+``inspect FILE`` prints the keys, shapes and dtypes, the parameter count, the inferred layout and
+any metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+
+def _inspect(path) -> int:
+  from fcnjax.weights import io, layouts
+  from fcnjax.weights.errors import LayoutError
+  tensors, metadata = io.read(path)
+  try:
+    layout = layouts.infer_layout(tensors, metadata)
+  except LayoutError:
+    layout = "unknown"
+  width = max((len(k) for k in tensors), default=0)
+  for k in sorted(tensors):
+    v = tensors[k]
+    print(f"{k:<{width}}  {str(tuple(v.shape)):<22} {v.dtype}")
+  total = sum(int(np.prod(v.shape)) for v in tensors.values())
+  print(f"tensors: {len(tensors)}")
+  print(f"parameters: {total:,}")
+  print(f"layout: {layout}")
+  if layout == layouts.PYTORCH_FCN:
+    try:
+      print(f"model: {layouts.infer_pytorch_fcn_model(tensors, path)}")
+    except LayoutError as e:
+      print(f"model: ? ({e})")
+  for k, v in sorted(metadata.items()):
+    print(f"metadata.{k}: {v}")
+  return 0
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m fcnjax.weights", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  c = sub.add_parser("convert", help="convert a torchvision / pytorch-fcn file to fcnjax")
+  c.add_argument("src")
+  c.add_argument("dst", help="output .safetensors")
+  c.add_argument("--layout", required=True, choices=["torchvision-vgg16", "pytorch-fcn"])
+  c.add_argument("--model", default=None,
+                 help="fcnjax model to build: vgg16 (default for ImageNet files), fcn32s, fcn16s, "
+                      "fcn8s, fcn8s-atonce (default: inferred from a pytorch-fcn FCN file)")
+  c.add_argument("--num-classes", type=int, default=None,
+                 help="classes of the FCN built from an ImageNet VGG16 (default 21)")
+  c.add_argument("--preprocessing", default=None, choices=["caffe", "torchvision"],
+                 help="override the input convention recorded for the weights")
+  i = sub.add_parser("inspect", help="keys, shapes, parameter count, inferred layout")
+  i.add_argument("file")
+  args = parser.parse_args(argv)
+
+  from fcnjax.weights.errors import WeightsError
+  try:
+    if args.command == "inspect":
+      return _inspect(args.file)
+    from fcnjax.weights.api import convert, describe
+    model, report = convert(args.src, args.dst, layout=args.layout, model=args.model,
+                            num_classes=args.num_classes, preprocessing=args.preprocessing)
+    meta = describe(model)
+    print(f"wrote {args.dst}: model {meta['model']}, "
+          f"{meta.get('num_classes', '-')} classes, preprocessing {meta.get('preprocessing')}")
+    print(report)
+    return 0
+  except (WeightsError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,243 @@
+"""Public entry points: load ImageNet VGG16, pytorch-fcn and fcnjax weights; save; convert.
+
+``src`` arguments are a path (``.safetensors``, ``.npz``, ``.pth``/``.pt`` with PyTorch) or an
+in-memory mapping ``{key: array}`` (e.g. ``{k: v.numpy() for k, v in sd.items()}``).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+from flax import nnx
+
+from fcnjax import models
+from fcnjax.weights import io, layouts as L
+from fcnjax.weights.errors import LayoutError, WeightsError
+from fcnjax.weights.loading import (LoadReport, apply, default_preprocessing, _source,
+                                    resolve_preprocessing)
+
+FORMAT_VERSION = "1"
+
+
+def _has_heads(tensors) -> bool:
+  """Whether a file has score/upsampling layers (an FCN file) or only a VGG16 backbone."""
+  return any(k.startswith(("score", "upscore")) for k in tensors)
+
+
+def load_vgg16_imagenet(model, src, *, layout: str | None = None, preprocessing=None) -> LoadReport:
+  """Load ImageNet VGG16 weights into ``model``'s backbone (conv1_1 … conv5_3, fc6, fc7).
+
+  Accepts torchvision's layout (``vgg16-397923af.pth``: fc6/fc7 by surgery from
+  ``classifier.0``/``classifier.3``, the ImageNet ``classifier.6`` is dropped), pytorch-fcn's
+  ``vgg16_from_caffe.pth`` (same keys, Caffe preprocessing — recognised by ``caffe`` in the file
+  name, or pass ``preprocessing="caffe"``), or pytorch-fcn-style named keys (``conv1_1`` …
+  ``fc7``). Score and upsampling layers are not touched (they stay as initialised: zeros /
+  bilinear). Sets ``model.preprocessing``. Returns a :class:`LoadReport`.
+  """
+  tensors, metadata, path = _source(src)
+  layout = layout or L.infer_layout(tensors, metadata)
+  if layout == L.FCNJAX:
+    raise LayoutError("this is an fcnjax file; use fcnjax.weights.load or init_from")
+  return apply(model, tensors, layout, metadata=metadata, path=path, heads=False,
+               preprocessing=preprocessing)
+
+
+def load_pytorch_fcn(model, src, *, reinit_scores: bool = False, preprocessing=None) -> LoadReport:
+  """Load a pytorch-fcn FCN-32s/16s/8s/8s-at-once checkpoint (e.g. ``fcn8s_from_caffe.pth``).
+
+  The model must be the matching architecture. Transposed-conv kernels ``(C, C, k, k)`` are
+  loaded into learnable upsamplers (``learnable_upsampling=True``) by transposition (no flip);
+  for fixed upsampling they are checked to be the bilinear kernel (|diff| ≤ ``BILINEAR_ATOL``)
+  and a learned kernel raises :class:`~fcnjax.weights.errors.UpsamplingKernelError`.
+  ``reinit_scores=True`` loads only the backbone (another class count). Caffe preprocessing.
+  """
+  tensors, metadata, path = _source(src)
+  return apply(model, tensors, L.PYTORCH_FCN, metadata=metadata, path=path,
+               reinit_scores=reinit_scores, preprocessing=preprocessing)
+
+
+def load_into(model, src, *, layout: str | None = None, reinit_scores: bool = False,
+              preprocessing=None) -> LoadReport:
+  """Load a file of any layout (inferred unless given) strictly into an existing ``model``."""
+  tensors, metadata, path = _source(src)
+  layout = layout or L.infer_layout(tensors, metadata)
+  return apply(model, tensors, layout, metadata=metadata, path=path,
+               reinit_scores=reinit_scores, preprocessing=preprocessing,
+               heads=_has_heads(tensors))
+
+
+def init_from(src, model, *, reinit_scores: bool = False, preprocessing=None) -> LoadReport:
+  """Initialise ``model`` from any supported file, for training (the experiments' ``--init``).
+
+  * ImageNet VGG16 (torchvision layout, or pytorch-fcn's ``vgg16_from_caffe.pth``): backbone
+    loaded, score layers stay at zero (the FCN paper's starting point).
+  * a pytorch-fcn FCN checkpoint or an fcnjax ``.safetensors``: backbone and ``score_fr`` are
+    loaded strictly; skip score heads and upsampling kernels are loaded where the file has them
+    with the same shape, and otherwise keep their init — so FCN-32s weights initialise an
+    FCN-16s, and FCN-16s an FCN-8s, with the new skip heads at zero (the paper's cascade).
+  * ``reinit_scores=True``: backbone only, for another number of classes.
+
+  Sets ``model.preprocessing`` to the file's convention unless ``preprocessing`` is given.
+  Returns a :class:`LoadReport` (``kept_init`` lists what kept its initialisation).
+  """
+  tensors, metadata, path = _source(src)
+  layout = L.infer_layout(tensors, metadata)
+  return apply(model, tensors, layout, metadata=metadata, path=path, lenient_heads=True,
+               reinit_scores=reinit_scores, heads=_has_heads(tensors),
+               preprocessing=preprocessing)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model description (for metadata and for building a model from a file)
+
+
+def model_name(model) -> str:
+  """``"vgg16"`` for a bare backbone, else the :data:`fcnjax.models.MODELS` name."""
+  if not L.is_fcn(model):
+    return "vgg16"
+  by_skips = {(): "fcn32s", ("pool4",): "fcn16s", ("pool4", "pool3"): "fcn8s",
+              ("pool4", "pool3", "pool2"): "fcn4s", ("pool4", "pool3", "pool2", "pool1"): "fcn2s"}
+  name = by_skips.get(tuple(model.skips))
+  if name is None:
+    raise WeightsError(f"no fcnjax model name for skips {model.skips}")
+  if name == "fcn8s" and model.score_skips[0].input_scale is not None:
+    name = "fcn8s-atonce"
+  return name
+
+
+def describe(model) -> dict[str, str]:
+  """Metadata that lets :func:`build_model` rebuild ``model``'s architecture."""
+  bb = L.backbone_of(model)
+  conv1 = bb.blocks[0].convs[0].kernel
+  meta = {"format": L.FCNJAX, "format_version": FORMAT_VERSION, "model": model_name(model),
+          "width_multiplier": repr(L.width_multiplier_of(int(conv1.shape[-1]))),
+          "aligned": str(bool(bb.aligned)).lower(), "pool": str(bb.blocks[0].pool)}
+  if L.is_fcn(model):
+    meta["num_classes"] = str(model.num_classes)
+    meta["learnable_upsampling"] = str(bool(model.upscore_final.learnable)).lower()
+  pre = getattr(model, "preprocessing", None)
+  if pre is not None:
+    meta["preprocessing"] = pre.name
+  return meta
+
+
+def build_model(name: str, *, num_classes: int = 21, width_multiplier: float = 1.0,
+                aligned: bool = False, pool: str = "ceil", learnable_upsampling: bool = False,
+                seed: int = 0):
+  """Build the fcnjax model ``name`` (``vgg16`` or a :data:`fcnjax.models.MODELS` key)."""
+  rngs = nnx.Rngs(seed)
+  if name == "vgg16":
+    return models.vgg16(width_multiplier=width_multiplier, aligned=aligned, pool=pool, rngs=rngs)
+  if name not in models.MODELS:
+    raise WeightsError(f"unknown model {name!r}; expected 'vgg16' or one of {sorted(models.MODELS)}")
+  return models.MODELS[name](num_classes, width_multiplier=width_multiplier, aligned=aligned,
+                             pool=pool, learnable_upsampling=learnable_upsampling, rngs=rngs)
+
+
+def _model_from_file(tensors, metadata, layout, path, model_override=None, num_classes=None):
+  if layout == L.FCNJAX:
+    if "model" not in metadata:
+      raise LayoutError(f"{path}: fcnjax file without metadata; pass model=...")
+    name = model_override or metadata["model"]
+    return build_model(
+        name, num_classes=num_classes or int(metadata.get("num_classes", 21)),
+        width_multiplier=float(metadata.get("width_multiplier", 1.0)),
+        aligned=metadata.get("aligned", "false") == "true", pool=metadata.get("pool", "ceil"),
+        learnable_upsampling=metadata.get("learnable_upsampling", "false") == "true")
+  if layout == L.TORCHVISION_VGG16:
+    width = L.width_multiplier_of(tensors["features.0.weight"].shape[0])
+    return build_model(model_override or "vgg16", num_classes=num_classes or 21,
+                       width_multiplier=width)
+  if "conv1_1.weight" not in tensors and "features.0.weight" in tensors:  # vgg16_from_caffe
+    width = L.width_multiplier_of(tensors["features.0.weight"].shape[0])
+    return build_model(model_override or "vgg16", num_classes=num_classes or 21,
+                       width_multiplier=width)
+  name = model_override or L.infer_pytorch_fcn_model(tensors, path)
+  width = L.width_multiplier_of(tensors["conv1_1.weight"].shape[0])
+  file_classes = int(tensors["score_fr.weight"].shape[0]) if "score_fr.weight" in tensors else 21
+  ups = [k for k in ("upscore.weight", "upscore2.weight", "upscore16.weight",
+                     "upscore_pool4.weight", "upscore8.weight") if k in tensors]
+  from fcnjax.weights.loading import BILINEAR_ATOL
+  learnable = any(not L.is_bilinear_deconv(tensors[k], BILINEAR_ATOL) for k in ups)
+  return build_model(name, num_classes=num_classes or file_classes, width_multiplier=width,
+                     learnable_upsampling=learnable)
+
+
+def load(src, model=None, *, layout: str | None = None, model_name_override: str | None = None,
+         num_classes: int | None = None, reinit_scores: bool = False, preprocessing=None):
+  """Load weights and return the model.
+
+  With ``model=None`` the architecture is built from the file: an fcnjax file's metadata (model,
+  num_classes, width, learnable upsampling...), or inferred from a pytorch-fcn / torchvision file
+  (model from its upscore keys, width from conv1_1, learnable upsampling iff a kernel is not
+  bilinear; ``model_name_override`` names it explicitly, e.g. ``"fcn8s-atonce"``). With a
+  ``model``, loads strictly into it. ``num_classes`` (with ``reinit_scores=True``) builds a model
+  for another class count whose score layers start fresh. ``model.preprocessing`` is set to the
+  weights' convention (or ``preprocessing``).
+  """
+  tensors, metadata, path = _source(src)
+  layout = layout or L.infer_layout(tensors, metadata)
+  if model is None:
+    model = _model_from_file(tensors, metadata, layout, path, model_name_override, num_classes)
+  apply(model, tensors, layout, metadata=metadata, path=path, reinit_scores=reinit_scores,
+        heads=_has_heads(tensors), preprocessing=preprocessing)
+  return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def state_arrays(model) -> dict[str, np.ndarray]:
+  """``{fcnjax key: numpy array}`` of the model's parameters (and batch statistics, if any)."""
+  return {k: np.asarray(v.get_value()) for k, v in L.flat_variables(model).items()}
+
+
+def save(model, path, *, metadata: Mapping[str, str] | None = None) -> None:
+  """Write ``model``'s weights to an fcnjax ``.safetensors`` (readable without PyTorch).
+
+  Metadata records the architecture (``model``, ``num_classes``, ``width_multiplier``,
+  ``learnable_upsampling``, ...) and ``preprocessing``, plus ``metadata`` (e.g. ``layout``: the
+  source layout of a conversion). ``fcnjax.weights.load(path)`` rebuilds and loads the model.
+  """
+  meta = describe(model) | {str(k): str(v) for k, v in (metadata or {}).items()}
+  if str(path).endswith(".npz"):
+    io.write_npz(path, state_arrays(model))
+    return
+  io.write_safetensors(path, state_arrays(model), meta)
+
+
+def convert(src, dst, *, layout: str, model: str | None = None, num_classes: int | None = None,
+            preprocessing=None) -> tuple[object, LoadReport]:
+  """Convert a torchvision / pytorch-fcn file to an fcnjax ``.safetensors``.
+
+  ``model`` defaults to ``vgg16`` (backbone only) for ImageNet files and to the architecture
+  inferred from a pytorch-fcn FCN file's keys. Building an FCN from an ImageNet VGG16 file gives
+  zero score layers (``num_classes``, default 21). Returns ``(model, report)``.
+  """
+  tensors, metadata, path = _source(src)
+  found = L.infer_layout(tensors, metadata)
+  if layout not in (L.TORCHVISION_VGG16, L.PYTORCH_FCN, L.FCNJAX):
+    raise LayoutError(f"unknown layout {layout!r}")
+  compatible = {L.TORCHVISION_VGG16: (L.TORCHVISION_VGG16,),
+                L.PYTORCH_FCN: (L.PYTORCH_FCN, L.TORCHVISION_VGG16), L.FCNJAX: (L.FCNJAX,)}
+  if found not in compatible[layout]:
+    raise LayoutError(f"{src}: asked for layout {layout!r} but the keys look like {found!r}")
+  m = _model_from_file(tensors, metadata, found, path, model, num_classes)
+  vgg_file = found == L.TORCHVISION_VGG16 or "score_fr.weight" not in tensors
+  if vgg_file:
+    pre = resolve_preprocessing(preprocessing)
+    if pre is None and layout == L.PYTORCH_FCN:
+      pre = resolve_preprocessing("caffe")  # pytorch-fcn's VGG16 is the Caffe one
+    report = apply(m, tensors, found, metadata=metadata, path=path, heads=False,
+                   preprocessing=pre)
+  else:
+    report = apply(m, tensors, found, metadata=metadata, path=path, preprocessing=preprocessing)
+  save(m, dst, metadata={"layout": layout})
+  return m, report
+
+
+__all__ = ["load_vgg16_imagenet", "load_pytorch_fcn", "load_into", "init_from", "load", "save",
+           "convert", "build_model", "describe", "model_name", "state_arrays",
+           "default_preprocessing"]

@@ -1,0 +1,272 @@
+"""Key layouts of weight files and how each maps onto an fcnjax model.
+
+A *layout* is a naming scheme for a flat ``{key: tensor}`` file. For a given model, a layout is
+expanded into a list of :class:`Rule` s, one per tensor: which file key (``src``) fills which
+fcnjax parameter (``dst``, a dotted path such as ``backbone.blocks.0.convs.0.kernel``) through
+which conversion (``kind``, see :mod:`fcnjax.weights.surgery`).
+
+Layouts:
+
+``torchvision-vgg16``
+  torchvision/timm ``VGG`` (``features.N.weight/bias`` with convs at N = 0, 2, 5, 7, 10, 12, 14,
+  17, 19, 21, 24, 26, 28; ``classifier.0`` = fc6 as ``(4096, 512*7*7)``, ``classifier.3`` = fc7 as
+  ``(4096, 4096)``, ``classifier.6`` = the ImageNet fc8, dropped). pytorch-fcn's
+  ``vgg16_from_caffe.pth`` uses these keys too (but Caffe preprocessing).
+``pytorch-fcn``
+  wkentaro/pytorch-fcn's named modules: ``conv1_1`` … ``conv5_3``, ``fc6`` ``(4096, 512, 7, 7)``
+  (a ``(4096, 25088)`` linear form is accepted too), ``fc7``, ``score_fr``, ``score_pool4``,
+  ``score_pool3`` ``(C, in, 1, 1)``; transposed convs ``(C, C, k, k)``, no bias: ``upscore``
+  (FCN-32s, k64), ``upscore2`` + ``upscore16`` (FCN-16s), ``upscore2`` + ``upscore_pool4`` +
+  ``upscore8`` (FCN-8s and at-once FCN-8s).
+``fcnjax``
+  fcnjax's own: the model's parameter paths, fcnjax shapes (HWIO), written by
+  :func:`fcnjax.weights.save` with metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterable, Mapping
+
+import numpy as np
+from flax import nnx
+
+from fcnjax.models.vgg import VGG
+from fcnjax.weights.errors import LayoutError
+
+TORCHVISION_VGG16 = "torchvision-vgg16"
+PYTORCH_FCN = "pytorch-fcn"
+FCNJAX = "fcnjax"
+LAYOUTS = (TORCHVISION_VGG16, PYTORCH_FCN, FCNJAX)
+
+# Rule kinds: how a file tensor becomes the fcnjax parameter.
+IDENTITY = "identity"        # same array (biases; fcnjax files)
+CONV = "conv"                # (out, in, kh, kw) -> (kh, kw, in, out)
+LINEAR = "linear"            # (out, in*kh*kw) -> (kh, kw, in, out): fc->conv surgery
+CONV_OR_LINEAR = "conv-or-linear"  # either of the two, by the file tensor's rank
+DECONV = "deconv"            # (in, out, k, k) -> (k, k, in, out), no flip
+BILINEAR_DECONV = "bilinear-deconv"  # torch-layout kernel only checked to be bilinear
+BILINEAR_HWIO = "bilinear-hwio"      # fcnjax-layout kernel only checked to be bilinear
+
+# Rule groups: backbone (conv1_1 … fc7), score_fr, skip score heads, upsampling kernels.
+BACKBONE, SCORE_FR, SKIP, UPSCORE = "backbone", "score_fr", "skip", "upscore"
+HEAD_GROUPS = (SCORE_FR, SKIP, UPSCORE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One file tensor ``src`` -> fcnjax parameter ``dst`` (``None``: only checked) via ``kind``."""
+
+  src: str
+  dst: str | None
+  kind: str
+  group: str
+  factor: int = 0          # upsampling factor (bilinear checks)
+  optional: bool = False   # absent from the file: keep the model's initial value
+
+
+# ---------------------------------------------------------------------------------------------
+# Model introspection
+
+
+def backbone_of(model: nnx.Module) -> VGG:
+  """The VGG backbone of an FCN (``model.backbone``), or ``model`` itself if it is a VGG."""
+  if isinstance(model, VGG):
+    return model
+  bb = getattr(model, "backbone", None)
+  if not isinstance(bb, VGG):
+    raise LayoutError(f"expected an fcnjax FCN with a VGG backbone, or a VGG; got "
+                      f"{type(model).__name__}")
+  return bb
+
+
+def is_fcn(model: nnx.Module) -> bool:
+  return not isinstance(model, VGG)
+
+
+def _key(path) -> str:
+  return ".".join(str(p) for p in path)
+
+
+def flat_variables(model: nnx.Module, types=(nnx.Param, nnx.BatchStat)) -> dict[str, nnx.Variable]:
+  """``{canonical key: Variable}``; keys are FCN-relative (a bare VGG's get a ``backbone.`` prefix)."""
+  prefix = "backbone." if isinstance(model, VGG) else ""
+  out = {}
+  for path, var in nnx.graph.iter_graph(model):
+    if isinstance(var, nnx.Variable) and isinstance(var, tuple(types)):
+      out[prefix + _key(path)] = var
+  return out
+
+
+def upsamplers(model) -> list[tuple[str, object]]:
+  """``[(fcnjax module path, BilinearUpsample)]`` of an FCN, coarse to fine, final last."""
+  ups = [(f"upscore_skips.{i}", u) for i, u in enumerate(model.upscore_skips)]
+  return ups + [("upscore_final", model.upscore_final)]
+
+
+def pytorch_fcn_upscore_names(model) -> list[str]:
+  """pytorch-fcn's names for the model's upsampling layers, in :func:`upsamplers` order."""
+  skips = tuple(model.skips)
+  names = {(): ["upscore"], ("pool4",): ["upscore2", "upscore16"],
+           ("pool4", "pool3"): ["upscore2", "upscore_pool4", "upscore8"]}
+  if skips not in names:
+    raise LayoutError(f"pytorch-fcn has no model with skips {skips} (only FCN-32s/16s/8s)")
+  return names[skips]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules per layout
+
+
+def _conv_rules(bb: VGG, name_of) -> list[Rule]:
+  if bb.blocks[0].norms is not None:
+    raise LayoutError("batch-normalised VGG backbones are not supported by these layouts")
+  rules = []
+  for b, block in enumerate(bb.blocks):
+    for i in range(len(block.convs)):
+      src, kind = name_of(b, i)
+      dst = f"backbone.blocks.{b}.convs.{i}"
+      rules += [Rule(f"{src}.weight", f"{dst}.kernel", kind, BACKBONE),
+                Rule(f"{src}.bias", f"{dst}.bias", IDENTITY, BACKBONE)]
+  return rules
+
+
+def torchvision_vgg16_rules(model) -> list[Rule]:
+  """Rules for torchvision's VGG16 keys; fc6/fc7 by surgery from ``classifier.0`` / ``.3``."""
+  bb = backbone_of(model)
+  index = {}
+  n = 0
+  for b, block in enumerate(bb.blocks):
+    for i in range(len(block.convs)):
+      index[b, i] = n
+      n += 2  # Conv2d, ReLU
+    n += 1    # MaxPool2d
+  rules = _conv_rules(bb, lambda b, i: (f"features.{index[b, i]}", CONV))
+  for src, dst in (("classifier.0", "fc6"), ("classifier.3", "fc7")):
+    rules += [Rule(f"{src}.weight", f"backbone.{dst}.kernel", LINEAR, BACKBONE),
+              Rule(f"{src}.bias", f"backbone.{dst}.bias", IDENTITY, BACKBONE)]
+  return rules
+
+
+TORCHVISION_IGNORED = ("classifier.6.weight", "classifier.6.bias")  # ImageNet fc8 (1000 classes)
+
+
+def pytorch_fcn_rules(model) -> list[Rule]:
+  """Rules for pytorch-fcn's named keys (VGG part always; score/upscore layers for an FCN)."""
+  bb = backbone_of(model)
+  rules = _conv_rules(bb, lambda b, i: (f"conv{b + 1}_{i + 1}", CONV))
+  for name in ("fc6", "fc7"):
+    rules += [Rule(f"{name}.weight", f"backbone.{name}.kernel", CONV_OR_LINEAR, BACKBONE),
+              Rule(f"{name}.bias", f"backbone.{name}.bias", IDENTITY, BACKBONE)]
+  if not is_fcn(model):
+    return rules
+  rules += [Rule("score_fr.weight", "score_fr.conv.kernel", CONV, SCORE_FR),
+            Rule("score_fr.bias", "score_fr.conv.bias", IDENTITY, SCORE_FR)]
+  for i, stage in enumerate(model.skips):
+    rules += [Rule(f"score_{stage}.weight", f"score_skips.{i}.conv.kernel", CONV, SKIP),
+              Rule(f"score_{stage}.bias", f"score_skips.{i}.conv.bias", IDENTITY, SKIP)]
+  for (path, up), name in zip(upsamplers(model), pytorch_fcn_upscore_names(model)):
+    if up.learnable:
+      rules.append(Rule(f"{name}.weight", f"{path}.kernel", DECONV, UPSCORE))
+    else:
+      rules.append(Rule(f"{name}.weight", None, BILINEAR_DECONV, UPSCORE, factor=up.factor))
+  return rules
+
+
+def _group_of_fcnjax_key(key: str) -> str:
+  if key.startswith("backbone."):
+    return BACKBONE
+  if key.startswith("score_fr."):
+    return SCORE_FR
+  if key.startswith("score_skips."):
+    return SKIP
+  return UPSCORE
+
+
+def fcnjax_rules(model, file_keys: Iterable[str] = ()) -> list[Rule]:
+  """Rules for fcnjax files: identity per parameter.
+
+  Fixed (non-learnable) upsamplers have no parameter: a kernel in the file for them is only
+  checked to be bilinear. A file without any ``upscore`` key was saved from a fixed-upsampling
+  model, i.e. its kernels *are* bilinear: a learnable model keeps its bilinear initialisation.
+  """
+  file_keys = set(file_keys)
+  file_has_upscore = any(k.startswith("upscore") for k in file_keys)
+  rules = []
+  for key in flat_variables(model):
+    group = _group_of_fcnjax_key(key)
+    rules.append(Rule(key, key, IDENTITY, group,
+                      optional=(group == UPSCORE and not file_has_upscore)))
+  if is_fcn(model):
+    for path, up in upsamplers(model):
+      if not up.learnable:
+        rules.append(Rule(f"{path}.kernel", None, BILINEAR_HWIO, UPSCORE, factor=up.factor,
+                          optional=True))
+  return rules
+
+
+def rules_for(layout: str, model, file_keys: Iterable[str] = ()) -> tuple[list[Rule], tuple[str, ...]]:
+  """``(rules, ignored file keys)`` mapping a ``layout`` file onto ``model``."""
+  if layout == TORCHVISION_VGG16:
+    return torchvision_vgg16_rules(model), TORCHVISION_IGNORED
+  if layout == PYTORCH_FCN:
+    if any(k.startswith("features.") for k in file_keys):  # pytorch-fcn's vgg16_from_caffe.pth
+      return torchvision_vgg16_rules(model), TORCHVISION_IGNORED
+    return pytorch_fcn_rules(model), ()
+  if layout == FCNJAX:
+    return fcnjax_rules(model, file_keys), ()
+  raise LayoutError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference from a file's keys
+
+
+def infer_layout(keys: Iterable[str], metadata: Mapping[str, str] | None = None) -> str:
+  """The layout of a file from its keys (and fcnjax metadata)."""
+  keys = set(keys)
+  if (metadata or {}).get("format") == FCNJAX or any(k.startswith("backbone.") for k in keys):
+    return FCNJAX
+  if any(k.startswith("features.") for k in keys):
+    return TORCHVISION_VGG16
+  if "conv1_1.weight" in keys or "score_fr.weight" in keys:
+    return PYTORCH_FCN
+  sample = ", ".join(sorted(keys)[:6])
+  raise LayoutError(f"cannot infer the weight layout from keys ({sample}, ...); expected "
+                    f"torchvision VGG16 (features.N...), pytorch-fcn (conv1_1..., score_fr...) "
+                    "or an fcnjax file (backbone....)")
+
+
+def infer_pytorch_fcn_model(keys: Iterable[str], path=None) -> str:
+  """fcnjax model name for a pytorch-fcn file: from its upscore keys; ``vgg16`` if it has none.
+
+  FCN-8s and at-once FCN-8s have the same keys; a file name containing ``atonce`` (pytorch-fcn's
+  ``fcn8s-atonce_from_caffe.pth``) selects the latter, otherwise name the model explicitly.
+  """
+  keys = set(keys)
+  if "upscore8.weight" in keys:
+    name = os.path.basename(os.fspath(path)).lower() if path is not None else ""
+    return "fcn8s-atonce" if "atonce" in name.replace("-", "").replace("_", "") else "fcn8s"
+  if "upscore16.weight" in keys:
+    return "fcn16s"
+  if "upscore.weight" in keys:
+    return "fcn32s"
+  if "score_fr.weight" in keys:
+    raise LayoutError("pytorch-fcn file has score_fr but no upscore/upscore16/upscore8 kernel")
+  return "vgg16"
+
+
+def width_multiplier_of(conv1_out_channels: int) -> float:
+  """VGG16 width multiplier from conv1_1's output channels (64 at full width)."""
+  return conv1_out_channels / 64.0
+
+
+def is_bilinear_deconv(w: np.ndarray, atol: float) -> bool:
+  """Whether a torch-layout ``(C, C, k, k)`` kernel is the diagonal bilinear kernel."""
+  from fcnjax.models.layers import bilinear_kernel
+  from fcnjax.weights.surgery import hwio_to_deconv
+  if w.ndim != 4 or w.shape[0] != w.shape[1] or w.shape[2] != w.shape[3] or w.shape[2] % 2:
+    return False
+  ref = hwio_to_deconv(bilinear_kernel(w.shape[2] // 2, w.shape[0]))
+  return float(np.max(np.abs(w - ref))) <= atol
