@@ -111,3 +111,38 @@ def test_bad_arguments():
     segmentation_loss(logits, labels[:, :-1])
   with pytest.raises(ValueError):
     segmentation_loss(logits, labels, class_weights=jnp.ones(5))
+
+
+SHARDED_SCRIPT = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from fcnjax.train.loss import segmentation_loss
+rng = np.random.default_rng(0)
+z = rng.normal(size=(8, 8, 9, 5)).astype(np.float32)
+y = rng.integers(0, 5, (8, 8, 9)).astype(np.uint8); y[:, :2] = 255
+m = np.ones((8, 8, 9), bool); m[7] = False
+cw = jnp.linspace(0.5, 2.0, 5)
+f = jax.jit(lambda z, y, m: jax.value_and_grad(
+    lambda z: segmentation_loss(z, y, m, class_weights=cw)[0])(z))
+want_loss, want_grad = f(z, y, m)
+for axis_type in (AxisType.Explicit, AxisType.Auto):
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(axis_type,))
+  args = [jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (z, y, m)]
+  with jax.set_mesh(mesh):
+    results = [f(*args)]
+  results.append(f(*args))
+  for loss, grad in results:
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    np.testing.assert_allclose(grad, want_grad, atol=1e-7)
+print("OK")
+"""
+
+
+def test_sharded_batch_on_simulated_devices():
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

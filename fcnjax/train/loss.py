@@ -69,7 +69,10 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array | No
     class_weights = jnp.asarray(class_weights, jnp.float32)
     if class_weights.shape != (num_classes,):
       raise ValueError(f"class_weights shape {class_weights.shape} != ({num_classes},)")
-    pixel_weight = jnp.where(valid, class_weights[safe_labels], 0.0)
+    # A one-hot contraction, not class_weights[labels]: that gather of a replicated table by a
+    # batch-sharded index fails under an Explicit mesh (jax 0.10).
+    one_hot = jax.nn.one_hot(safe_labels, num_classes, dtype=jnp.float32)
+    pixel_weight = jnp.where(valid, one_hot @ class_weights, 0.0)
 
   # jnp.where (not multiplication) so an inf/NaN at an ignored pixel cannot leak in.
   total = jnp.sum(jnp.where(valid, pixel_weight * nll, 0.0))
