@@ -112,14 +112,20 @@ SKIPS_BY_STRIDE = {32: (), 16: ("pool4",), 8: ("pool4", "pool3"), 4: ("pool4", "
 
 def fcn_vgg16(num_classes: int = 21, stride: int = 8, *, width_multiplier: float = 1.0,
               aligned: bool = False, pool: str = "ceil", skip_scales=None,
-              learnable_upsampling: bool = False, dtype=None, rngs: nnx.Rngs) -> FCN:
-  """A VGG16 FCN with output stride 32, 16, 8, 4 or 2 (skips from pool4, pool3, pool2, pool1)."""
+              learnable_upsampling: bool = False, zero_init_scores: bool = True,
+              batch_norm: bool = False, dtype=None, rngs: nnx.Rngs) -> FCN:
+  """A VGG16 FCN with output stride 32, 16, 8, 4 or 2 (skips from pool4, pool3, pool2, pool1).
+
+  ``width_multiplier`` scales every VGG width including fc6/fc7 (1/8 gives a 2.1M-parameter
+  FCN-8s for CPU work); ``aligned=True`` drops the pad-100 trick (see :mod:`fcnjax.models.vgg`).
+  """
   if stride not in SKIPS_BY_STRIDE:
     raise ValueError(f"stride must be one of {sorted(SKIPS_BY_STRIDE)}, got {stride}")
-  backbone = VGG(width_multiplier=width_multiplier, aligned=aligned, pool=pool, dtype=dtype,
-                 rngs=rngs)
+  backbone = VGG(width_multiplier=width_multiplier, aligned=aligned, pool=pool,
+                 batch_norm=batch_norm, dtype=dtype, rngs=rngs)
   return FCN(backbone, num_classes, SKIPS_BY_STRIDE[stride], skip_scales=skip_scales,
-             learnable_upsampling=learnable_upsampling, dtype=dtype, rngs=rngs)
+             learnable_upsampling=learnable_upsampling, zero_init_scores=zero_init_scores,
+             dtype=dtype, rngs=rngs)
 
 
 def fcn32s(num_classes: int = 21, *, rngs: nnx.Rngs, **kwargs) -> FCN:
