@@ -8,7 +8,7 @@ What the training loop uses::
                                        seed=0, num_epochs=50, max_buckets=8,
                                        augment=augment.Augment(flip=True, scale_range=(0.5, 2.0)))
     it = iter(train)                       # grain DatasetIterator over all epochs
-    for step, batch in enumerate(it): ... # it.get_state() / it.set_state(state) to checkpoint
+    for step, batch in enumerate(it): ... # it.get_state() -> {"next_batch": n}; it.set_state(s)
     train.bucket_shapes                    # [(H, W), ...]: one train-step compile each
     train.batches_per_epoch, len(train)    # per-epoch batch counts, total batches
     train.epoch_and_batch(step)            # which epoch / batch-in-epoch a global step is
@@ -40,8 +40,11 @@ Multi-host: every process computes the same global plan; process p loads rows
 Workers: ``num_workers > 0`` decodes in grain ``mp_prefetch`` worker processes (spawned: the main
 script needs an ``if __name__ == "__main__":`` guard); the batches are identical to
 ``num_workers=0`` and are copied out of shared memory before they reach you. Checkpointing: the
-iterator's ``get_state()`` is a small dict (JSON-able); ``set_state`` on a fresh iterator of a loader
-built with the same arguments continues with exactly the batches an uninterrupted run would give.
+iterator's ``get_state()`` is ``{"next_batch": n}`` (JSON-able, independent of ``num_workers``);
+``set_state`` on a fresh iterator of a loader built with the same arguments (any number of workers)
+continues with exactly the batches an uninterrupted run would give. To resume at epoch e with a
+loader built for later epochs only, pass ``start_epoch=e`` and ``next_batch`` = batches already done
+in epoch e.
 """
 
 from __future__ import annotations
@@ -182,17 +185,61 @@ def _ensure_absl_flags():
     flags.FLAGS(sys.argv[:1], known_only=True)
 
 
-@dataclasses.dataclass
-class Loader:
-  """A grain ``IterDataset`` of batches plus what the training loop needs to know about it.
+class LoaderIterator(grain.DatasetIterator):
+  """A grain ``DatasetIterator`` over a :class:`Loader`'s batches.
 
-  ``iter(loader)`` gives a grain ``DatasetIterator`` (``get_state()``/``set_state()``).
-  ``bucket_shapes``: list of (H, W); ``batch_sizes``: global batch size per bucket;
-  ``local_batch_sizes``: rows per process; ``batches_per_epoch``: list, one per epoch;
-  ``len(loader)``: total batches; ``plan``: the :class:`~fcnjax.data.buckets.BucketPlan`.
+  ``get_state()`` is ``{"next_batch": n}`` (n = batches returned so far, counted from the loader's
+  ``start_epoch``), the same whatever ``num_workers`` is, so a run checkpointed with N workers
+  resumes with M. ``set_state`` (re)starts the grain pipeline at that batch; the worker processes
+  start lazily at the first ``next``. Works with ``grain.checkpoint.CheckpointSave/Restore``.
   """
 
-  dataset: grain.IterDataset
+  def __init__(self, loader, next_batch: int = 0):
+    super().__init__()
+    self._loader = loader
+    self._next = int(next_batch)
+    self._inner = None
+
+  def __next__(self):
+    if self._closed:
+      raise ValueError("iterator is closed")
+    if self._inner is None:
+      self._inner = iter(self._loader.dataset_from(self._next))
+    batch = next(self._inner)
+    self._next += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {"next_batch": self._next}
+
+  def set_state(self, state: dict) -> None:
+    n = int(state["next_batch"])
+    if not 0 <= n <= len(self._loader):
+      raise ValueError(f"state {state} is outside this loader's {len(self._loader)} batches")
+    self._close_inner()
+    self._next = n
+
+  def _close_inner(self):
+    if self._inner is not None:
+      self._inner.close()
+      self._inner = None
+
+  def close(self) -> None:
+    self._close_inner()
+    super().close()
+
+
+@dataclasses.dataclass
+class Loader:
+  """Batches of one dataset over some epochs, plus what the training loop needs to know.
+
+  ``iter(loader)``: a :class:`LoaderIterator` (``get_state()``/``set_state()``).
+  ``bucket_shapes``: list of (H, W); ``batch_sizes``: global batch size per bucket;
+  ``local_batch_sizes``: rows per process; ``batches_per_epoch``: list, one per epoch;
+  ``len(loader)``: total batches; ``plan``: the :class:`~fcnjax.data.buckets.BucketPlan`;
+  ``dataset_from(n)``: the underlying grain ``IterDataset`` starting at batch n.
+  """
+
   bucket_shapes: list
   batch_sizes: list
   local_batch_sizes: list
@@ -200,12 +247,27 @@ class Loader:
   start_epoch: int
   plan: buckets_lib.BucketPlan
   load: LoadBatch
+  num_workers: int = 0
+  num_threads: int = 2
+  prefetch_batches: int = 2
 
-  def __iter__(self):
-    return iter(self.dataset)
+  def __iter__(self) -> LoaderIterator:
+    return LoaderIterator(self)
 
   def __len__(self):
     return int(sum(self.batches_per_epoch))
+
+  def dataset_from(self, next_batch: int = 0) -> grain.IterDataset:
+    """The grain pipeline for batches ``next_batch .. len(self) - 1``."""
+    ds = grain.MapDataset.range(int(next_batch), len(self)).map(self.load)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, self.num_threads),
+                                              prefetch_buffer_size=max(1, self.prefetch_batches)))
+    if self.num_workers > 0:
+      _ensure_absl_flags()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self.num_workers, per_worker_buffer_size=self.prefetch_batches))
+      ds = ds.map(_copy_batch)
+    return ds
 
   def epoch_and_batch(self, step: int) -> tuple:
     """Global step (batch number since ``start_epoch``) -> (epoch, batch within the epoch)."""
@@ -266,16 +328,8 @@ def make_loader(source, *, seed: int = 0, num_epochs: int = 1, start_epoch: int 
                    shuffle=shuffle, augment=augment, remainder=remainder,
                    preprocessing=preprocessing, process_index=process_index,
                    process_count=process_count)
-  ds = grain.MapDataset.range(int(sum(counts))).map(load)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads),
-                                            prefetch_buffer_size=max(1, prefetch_batches)))
-  if num_workers > 0:
-    _ensure_absl_flags()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                     per_worker_buffer_size=prefetch_batches))
-    ds = ds.map(_copy_batch)
-  return Loader(ds, plan.shape_list, bsz.tolist(), (bsz // process_count).tolist(), counts,
-                start_epoch, plan, load)
+  return Loader(plan.shape_list, bsz.tolist(), (bsz // process_count).tolist(), counts,
+                start_epoch, plan, load, num_workers, num_threads, prefetch_batches)
 
 
 def make_train_loader(source, *, seed: int = 0, num_epochs: int = 1, start_epoch: int = 0,
