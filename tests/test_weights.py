@@ -15,10 +15,10 @@ from fcnjax import weights
 from fcnjax.models.layers import bilinear_kernel, transposed_conv
 from fcnjax.weights import io, layouts, surgery
 
-MULT = 1 / 16  # widths 4, 8, 16, 32, 32; fc 256
+MULT = 1 / 8  # widths 8, 16, 32, 64, 64; fc 512 (as the parity tests: jit caches are shared)
 DEPTHS = (2, 2, 3, 3, 3)
-WIDTHS = [4, 8, 16, 32, 32]
-FC = 256
+WIDTHS = [8, 16, 32, 64, 64]
+FC = 512
 
 
 def rng(seed=0):
@@ -26,7 +26,7 @@ def rng(seed=0):
 
 
 def torchvision_state(seed=0, num_classes=10):
-  """A random torchvision-layout VGG16 state dict (numpy) at width 1/16."""
+  """A random torchvision-layout VGG16 state dict (numpy) at width 1/8."""
   r, sd, c, n = rng(seed), {}, 3, 0
   for d, w in zip(DEPTHS, WIDTHS):
     for _ in range(d):
@@ -41,7 +41,7 @@ def torchvision_state(seed=0, num_classes=10):
 
 
 def pytorch_fcn_state(stride=8, n_class=21, seed=0, learned_upscore=False):
-  """A random pytorch-fcn-layout FCN state dict (numpy) at width 1/16."""
+  """A random pytorch-fcn-layout FCN state dict (numpy) at width 1/8."""
   r, sd, c = rng(seed), {}, 3
   for b, (d, w) in enumerate(zip(DEPTHS, WIDTHS)):
     for i in range(d):
@@ -54,7 +54,7 @@ def pytorch_fcn_state(stride=8, n_class=21, seed=0, learned_upscore=False):
   sd["fc7.bias"] = r.normal(size=(FC,)).astype(np.float32)
   sd["score_fr.weight"] = r.normal(size=(n_class, FC, 1, 1)).astype(np.float32)
   sd["score_fr.bias"] = r.normal(size=(n_class,)).astype(np.float32)
-  heads = {32: [], 16: [("pool4", 32)], 8: [("pool4", 32), ("pool3", 16)]}[stride]
+  heads = {32: [], 16: [("pool4", 64)], 8: [("pool4", 64), ("pool3", 32)]}[stride]
   for name, ch in heads:
     sd[f"score_{name}.weight"] = r.normal(size=(n_class, ch, 1, 1)).astype(np.float32)
     sd[f"score_{name}.bias"] = r.normal(size=(n_class,)).astype(np.float32)
@@ -148,7 +148,7 @@ def test_load_vgg16_imagenet_torchvision_layout():
   np.testing.assert_array_equal(arr(bb.blocks[2].convs[1].kernel),
                                 sd["features.12.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(arr(bb.fc6.kernel),
-                                sd["classifier.0.weight"].reshape(FC, 32, 7, 7).transpose(2, 3, 1, 0))
+                                sd["classifier.0.weight"].reshape(FC, 64, 7, 7).transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(arr(bb.fc7.kernel)[0, 0], sd["classifier.3.weight"].T)
   assert not np.any(arr(model.score_fr.conv.kernel)) and not np.any(arr(model.score_skips[1].conv.kernel))
   assert model.preprocessing is pp.TORCHVISION
@@ -186,13 +186,13 @@ def test_unexpected_key_names_it():
 
 def test_wrong_shape_names_key_and_shapes():
   sd = pytorch_fcn_state()
-  sd["conv3_2.weight"] = np.zeros((16, 16, 5, 5), np.float32)
+  sd["conv3_2.weight"] = np.zeros((32, 32, 5, 5), np.float32)
   with pytest.raises(weights.ShapeMismatchError) as e:
     weights.load_pytorch_fcn(fcn(), sd)
   msg = str(e.value)
-  assert "conv3_2.weight" in msg and "(16, 16, 3, 3)" in msg and "(16, 16, 5, 5)" in msg
+  assert "conv3_2.weight" in msg and "(32, 32, 3, 3)" in msg and "(32, 32, 5, 5)" in msg
   # Wrong width (a full-width file into a reduced model) is reported the same way.
-  with pytest.raises(weights.ShapeMismatchError, match=r"conv1_1\.weight.*\(4, 3, 3, 3\)"):
+  with pytest.raises(weights.ShapeMismatchError, match=r"conv1_1\.weight.*\(8, 3, 3, 3\)"):
     weights.load_pytorch_fcn(fcn(), pytorch_fcn_state() | {"conv1_1.weight": np.zeros((64, 3, 3, 3))})
 
 
@@ -355,4 +355,4 @@ def test_init_from_imagenet_and_wrong_classes():
   weights.init_from(pytorch_fcn_state(32, n_class=21), fcn("fcn32s", num_classes=3),
                     reinit_scores=True)
   with pytest.raises(weights.ShapeMismatchError, match="fc6"):  # backbone stays strict
-    weights.init_from(pytorch_fcn_state(32) | {"fc6.weight": np.zeros((FC, 32, 3, 3))}, fcn("fcn32s"))
+    weights.init_from(pytorch_fcn_state(32) | {"fc6.weight": np.zeros((FC, 64, 3, 3))}, fcn("fcn32s"))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -136,22 +138,23 @@ def build_model(name: str, *, num_classes: int = 21, width_multiplier: float = 1
 
 
 def _model_from_file(tensors, metadata, layout, path, model_override=None, num_classes=None):
+  """``(builder, kwargs)``: how to build the model a file describes (see :func:`build_model`)."""
   if layout == L.FCNJAX:
     if "model" not in metadata:
       raise LayoutError(f"{path}: fcnjax file without metadata; pass model=...")
     name = model_override or metadata["model"]
-    return build_model(
-        name, num_classes=num_classes or int(metadata.get("num_classes", 21)),
+    return dict(
+        name=name, num_classes=num_classes or int(metadata.get("num_classes", 21)),
         width_multiplier=float(metadata.get("width_multiplier", 1.0)),
         aligned=metadata.get("aligned", "false") == "true", pool=metadata.get("pool", "ceil"),
         learnable_upsampling=metadata.get("learnable_upsampling", "false") == "true")
   if layout == L.TORCHVISION_VGG16:
     width = L.width_multiplier_of(tensors["features.0.weight"].shape[0])
-    return build_model(model_override or "vgg16", num_classes=num_classes or 21,
+    return dict(name=model_override or "vgg16", num_classes=num_classes or 21,
                        width_multiplier=width)
   if "conv1_1.weight" not in tensors and "features.0.weight" in tensors:  # vgg16_from_caffe
     width = L.width_multiplier_of(tensors["features.0.weight"].shape[0])
-    return build_model(model_override or "vgg16", num_classes=num_classes or 21,
+    return dict(name=model_override or "vgg16", num_classes=num_classes or 21,
                        width_multiplier=width)
   name = model_override or L.infer_pytorch_fcn_model(tensors, path)
   width = L.width_multiplier_of(tensors["conv1_1.weight"].shape[0])
@@ -160,7 +163,7 @@ def _model_from_file(tensors, metadata, layout, path, model_override=None, num_c
                      "upscore_pool4.weight", "upscore8.weight") if k in tensors]
   from fcnjax.weights.loading import BILINEAR_ATOL
   learnable = any(not L.is_bilinear_deconv(tensors[k], BILINEAR_ATOL) for k in ups)
-  return build_model(name, num_classes=num_classes or file_classes, width_multiplier=width,
+  return dict(name=name, num_classes=num_classes or file_classes, width_multiplier=width,
                      learnable_upsampling=learnable)
 
 
@@ -179,10 +182,43 @@ def load(src, model=None, *, layout: str | None = None, model_name_override: str
   tensors, metadata, path = _source(src)
   layout = layout or L.infer_layout(tensors, metadata)
   if model is None:
-    model = _model_from_file(tensors, metadata, layout, path, model_name_override, num_classes)
+    spec = _model_from_file(tensors, metadata, layout, path, model_name_override, num_classes)
+    return _build_and_load(spec, tensors, layout, metadata=metadata, path=path,
+                           reinit_scores=reinit_scores, heads=_has_heads(tensors),
+                           preprocessing=preprocessing)[0]
   apply(model, tensors, layout, metadata=metadata, path=path, reinit_scores=reinit_scores,
         heads=_has_heads(tensors), preprocessing=preprocessing)
   return model
+
+
+def _is_abstract(var) -> bool:
+  return isinstance(var.get_value(), jax.ShapeDtypeStruct)
+
+
+def _build_and_load(spec: dict, tensors, layout, **apply_kwargs):
+  """``(model, report)``: build ``spec``'s model and load ``tensors``, skipping the random init when the file sets
+  every parameter (a full-width FCN's init takes ~12 s on 2 CPU cores; loading ~3 s).
+
+  The model is first built abstractly (``nnx.eval_shape``) and loaded. If any parameter kept its
+  initial value (e.g. zero score layers of an FCN built from a VGG16 file), the model is built
+  concretely and loaded again. Otherwise only the dropout RNG state is still abstract: it is
+  seeded freshly (key ``fold_in(key(seed), i)``, count 0).
+  """
+  seed = spec.get("seed", 0)
+  model = nnx.eval_shape(lambda: build_model(**spec))
+  report = apply(model, tensors, layout, **apply_kwargs)
+  left = {k: v for k, v in L.flat_variables(model, (nnx.Variable,)).items() if _is_abstract(v)}
+  if any(isinstance(v, (nnx.Param, nnx.BatchStat)) for v in left.values()):
+    model = build_model(**spec)
+    return model, apply(model, tensors, layout, **apply_kwargs)
+  for i, (k, v) in enumerate(sorted(left.items())):
+    if isinstance(v, nnx.RngKey):
+      v.set_value(jax.random.fold_in(jax.random.key(seed), i))
+    elif isinstance(v, nnx.RngCount):
+      v.set_value(jnp.zeros(v.shape, v.dtype))
+    else:
+      raise WeightsError(f"cannot initialise variable {k} of type {type(v).__name__}")
+  return model, report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,16 +260,12 @@ def convert(src, dst, *, layout: str, model: str | None = None, num_classes: int
                 L.PYTORCH_FCN: (L.PYTORCH_FCN, L.TORCHVISION_VGG16), L.FCNJAX: (L.FCNJAX,)}
   if found not in compatible[layout]:
     raise LayoutError(f"{src}: asked for layout {layout!r} but the keys look like {found!r}")
-  m = _model_from_file(tensors, metadata, found, path, model, num_classes)
-  vgg_file = found == L.TORCHVISION_VGG16 or "score_fr.weight" not in tensors
-  if vgg_file:
-    pre = resolve_preprocessing(preprocessing)
-    if pre is None and layout == L.PYTORCH_FCN:
-      pre = resolve_preprocessing("caffe")  # pytorch-fcn's VGG16 is the Caffe one
-    report = apply(m, tensors, found, metadata=metadata, path=path, heads=False,
-                   preprocessing=pre)
-  else:
-    report = apply(m, tensors, found, metadata=metadata, path=path, preprocessing=preprocessing)
+  spec = _model_from_file(tensors, metadata, found, path, model, num_classes)
+  pre = resolve_preprocessing(preprocessing)
+  if pre is None and layout == L.PYTORCH_FCN:
+    pre = resolve_preprocessing("caffe")  # pytorch-fcn's files (its VGG16 too) are Caffe's
+  m, report = _build_and_load(spec, tensors, found, metadata=metadata, path=path,
+                              heads=_has_heads(tensors), preprocessing=pre)
   save(m, dst, metadata={"layout": layout})
   return m, report
 
