@@ -205,7 +205,11 @@ class LoaderIterator(grain.DatasetIterator):
       raise ValueError("iterator is closed")
     if self._inner is None:
       self._inner = iter(self._loader.dataset_from(self._next))
-    batch = next(self._inner)
+    try:
+      batch = next(self._inner)
+    except StopIteration:
+      self._close_inner()  # stops worker processes, frees shared memory
+      raise
     self._next += 1
     return batch
 
