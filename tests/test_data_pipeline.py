@@ -172,6 +172,9 @@ def test_eval_batches_exact_content_padding_and_dummies(val_src):
       assert (b["image"][r, h:] == 0).all() and (b["image"][r, :, w:] == 0).all()
       assert (b["label"][r, h:] == 255).all() and (b["label"][r, :, w:] == 255).all()
       assert b["mask"][r, :h, :w].all() and b["mask"][r].sum() == h * w
+  total = sum(b["mask"].size for b in batches)
+  real = sum(b["mask"].sum() for b in batches)
+  assert loader.padded_fraction() == pytest.approx(1 - real / total)
 
 
 def test_augmentation_is_flip_and_scale_from_the_plan(train_src):

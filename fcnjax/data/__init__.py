@@ -16,3 +16,7 @@ from fcnjax.data.palette import IGNORE, NUM_VOC_CLASSES, VOC_CLASSES, VOC_PALETT
 from fcnjax.data.readers import (BINARY_MAP, PETS_TRIMAP, SegmentationSource, folder_source,
                                  open_source, sbd_source, voc_aug_source, voc_source)
 from fcnjax.data.validation import DataError, ErrorReport
+from fcnjax.data.augment import Augment
+from fcnjax.data.buckets import BucketPlan, batch_sizes, plan_buckets
+from fcnjax.data.pipeline import Loader, make_eval_loader, make_loader, make_train_loader
+from fcnjax.data.synthetic import ensure_builtin_dataset, write_synthetic_voc
