@@ -244,19 +244,22 @@ def test_fcn8s_learnable_parity_pth_and_safetensors(tmp_path):
   assert model.preprocessing is pp.CAFFE
   from_st = weights.load(st)  # architecture inferred: fcn8s, width 1/8, learnable kernels
   assert from_st.upscore_final.learnable and weights.model_name(from_st) == "fcn8s"
+  a, b = weights.state_arrays(model), weights.state_arrays(from_st)
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
   for h, w in SIZES:
     x = image(h, w, seed=h)
-    want = torch_out(ref, x)
-    r1, r2 = ratio(jax_out(model, x), want), ratio(jax_out(from_st, x), want)
-    print(f"fcn8s learnable {h}x{w}: pth {r1:.2e}, safetensors {r2:.2e}")
-    assert r1 <= RTOL and r2 <= RTOL
+    r = ratio(jax_out(model, x), torch_out(ref, x))
+    print(f"fcn8s learnable {h}x{w}: {r:.2e}")
+    assert r <= RTOL
+  x = image(64, 80, seed=64)
+  assert ratio(jax_out(from_st, x), torch_out(ref, x)) <= RTOL
   # Transposing with a flip would be wrong: a flipped kernel changes the output.
   k = model.upscore_final.kernel
   k.set_value(k.get_value()[::-1, ::-1])
   assert ratio(jax_out(model, image(64, 80, seed=64)), torch_out(ref, image(64, 80, seed=64))) > 1e-2
 
 
-@pytest.mark.parametrize("stride,sizes", [(16, SIZES[:2]), (32, [(45, 59)])])
+@pytest.mark.parametrize("stride,sizes", [(16, [(97, 131)]), (32, [(45, 59)])])
 def test_fcn16s_fcn32s_fixed_bilinear_parity(tmp_path, stride, sizes):
   ref, model = _fcn_pair(stride, learnable=False, seed=stride)
   pth = tmp_path / f"fcn{stride}s.pth"
