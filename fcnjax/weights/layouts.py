@@ -174,7 +174,7 @@ def pytorch_fcn_rules(model) -> list[Rule]:
   return rules
 
 
-def _group_of_fcnjax_key(key: str) -> str:
+def group_of_fcnjax_key(key: str) -> str:
   if key.startswith("backbone."):
     return BACKBONE
   if key.startswith("score_fr."):
@@ -195,7 +195,7 @@ def fcnjax_rules(model, file_keys: Iterable[str] = ()) -> list[Rule]:
   file_has_upscore = any(k.startswith("upscore") for k in file_keys)
   rules = []
   for key in flat_variables(model):
-    group = _group_of_fcnjax_key(key)
+    group = group_of_fcnjax_key(key)
     rules.append(Rule(key, key, IDENTITY, group,
                       optional=(group == UPSCORE and not file_has_upscore)))
   if is_fcn(model):

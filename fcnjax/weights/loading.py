@@ -194,20 +194,17 @@ def apply(model, tensors: Mapping[str, np.ndarray], layout: str, *, metadata=Non
   if missing:
     raise MissingKeyError(missing, layout)
 
+  def is_head(k):
+    return (L.group_of_fcnjax_key(k) in L.HEAD_GROUPS) if layout == L.FCNJAX else _is_head_key(k)
+
+  rule_srcs = {r.src for r in rules}
   unexpected = []
   for k in tensors:
-    if k in used or k in ignorable:
-      if k in ignorable:
+    if k in used:
+      continue
+    if k in ignorable or k in rule_srcs or ((lenient_heads or skip_heads) and is_head(k)):
+      if k not in report.ignored:  # dropped on purpose (ImageNet fc8), or a head we skip
         report.ignored.append(k)
-      continue
-    rule_srcs = {r.src for r in rules}
-    if k in rule_srcs or (lenient_heads and (_is_head_key(k) if layout != L.FCNJAX
-                                             else L._group_of_fcnjax_key(k) in L.HEAD_GROUPS)):
-      report.ignored.append(k)  # a head we chose to skip (reinit / cascade)
-      continue
-    if skip_heads and (_is_head_key(k) if layout != L.FCNJAX
-                       else L._group_of_fcnjax_key(k) in L.HEAD_GROUPS):
-      report.ignored.append(k)
       continue
     unexpected.append(k)
   if unexpected:
