@@ -78,7 +78,8 @@ class ConvBlock(nnx.Module):
       maps.append(geometry.conv_map(2, 2, 0))
     return geometry.compose(*maps)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def stages(self, x: jax.Array):
+    """Yield ``(name, output)`` after each conv (``"conv1"``, ...) and after the pool (``"pool"``)."""
     if self.first_padding > 1:
       # Pad explicitly, then let the conv pad by 1: the same numbers, but XLA:CPU's
       # weight-gradient convolution is pathologically slow with a padding of 100 inside the op.
@@ -91,8 +92,14 @@ class ConvBlock(nnx.Module):
       x = jax.nn.relu(x)
       if self.dropout is not None:
         x = self.dropout(x)
+      yield f"conv{i + 1}", x
     if self.pool is not None:
       x = max_pool_2x2(x, self.pool)
+      yield "pool", x
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for _, x in self.stages(x):
+      pass
     return x
 
 

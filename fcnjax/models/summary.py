@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fcnjax.models.fcn import FCN, MODELS, count_params
-from fcnjax.models.layers import crop, max_pool_2x2
+from fcnjax.models.layers import crop
 
 
 def _params(module) -> int:
@@ -35,13 +35,13 @@ def layer_table(model: FCN, height: int, width: int, batch: int = 1) -> list[tup
       rows.append((f"pad to multiple of {m}", x.shape, 0))
     feats = {}
     for i, block in enumerate(b.blocks):
-      for j, conv in enumerate(block.convs):
-        x = jax.nn.relu(conv(x))
-        rows.append((f"conv{i + 1}_{j + 1}", x.shape, _params(conv)))
-      if block.pool is not None:
-        x = max_pool_2x2(x, block.pool)
-      feats[f"pool{i + 1}"] = x
-      rows.append((f"pool{i + 1} ({block.pool})", x.shape, 0))
+      for stage, x in block.stages(x):
+        if stage == "pool":
+          feats[f"pool{i + 1}"] = x
+          rows.append((f"pool{i + 1} ({block.pool})", x.shape, 0))
+        else:
+          j = int(stage[4:]) - 1
+          rows.append((f"conv{i + 1}_{j + 1}", x.shape, _params(block.convs[j])))
     x = jax.nn.relu(b.fc6(x))
     rows.append(("fc6", x.shape, _params(b.fc6)))
     x = jax.nn.relu(b.fc7(x))
