@@ -356,3 +356,12 @@ def test_init_from_imagenet_and_wrong_classes():
                     reinit_scores=True)
   with pytest.raises(weights.ShapeMismatchError, match="fc6"):  # backbone stays strict
     weights.init_from(pytorch_fcn_state(32) | {"fc6.weight": np.zeros((FC, 64, 3, 3))}, fcn("fcn32s"))
+
+
+def test_fcnjax_file_wrong_num_classes(tmp_path):
+  weights.save(fcn("fcn32s"), tmp_path / "c21.safetensors")
+  with pytest.raises(weights.NumClassesError, match="'score_fr.conv.kernel'"):
+    weights.load(tmp_path / "c21.safetensors", model=fcn("fcn32s", num_classes=5))
+  m = weights.load(tmp_path / "c21.safetensors", model=fcn("fcn32s", num_classes=5),
+                   reinit_scores=True)
+  assert m.num_classes == 5
