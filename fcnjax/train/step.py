@@ -1,0 +1,109 @@
+"""The jit-compiled train and eval steps, functional over ``nnx.split`` state.
+
+A model is split once into ``graphdef`` (static structure), ``params`` (``nnx.Param``: what the
+optimizer updates) and ``rest`` (everything else: dropout RNG state, BatchNorm statistics). The
+train step merges them inside the traced function, runs forward + loss + grads + the optax update,
+and returns the new state; all of it is one XLA program per batch shape. Under a mesh the batch
+arrives sharded over ``"data"`` and the state replicated; XLA inserts the gradient all-reduce.
+Buffers that are replaced (params, rest, optimizer state) are donated.
+
+Batches are dicts from :mod:`fcnjax.data.pipeline`: ``image`` (B, H, W, 3) float32 preprocessed,
+``label`` (B, H, W) uint8 (255 = ignore), ``mask`` (B, H, W) bool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from fcnjax.train.loss import segmentation_loss
+from fcnjax.train.metrics import update_confusion
+
+
+@dataclasses.dataclass
+class TrainState:
+  """Everything that changes during training (a pytree of arrays; ``graphdef`` is static)."""
+
+  params: Any
+  rest: Any
+  opt_state: Any
+  step: jax.Array
+
+
+jax.tree_util.register_dataclass(TrainState, data_fields=["params", "rest", "opt_state", "step"],
+                                 meta_fields=[])
+
+
+def split_model(model: nnx.Module):
+  """``model`` -> (graphdef, params, rest)."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation):
+  """(graphdef, TrainState at step 0) for ``model`` and optimizer ``tx``."""
+  graphdef, params, rest = split_model(model)
+  return graphdef, TrainState(params, rest, tx.init(params), jnp.zeros((), jnp.int32))
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, reduction: str = "mean",
+                    class_weights=None, state_sharding=None, batch_sharding=None):
+  """A jitted ``train_step(state, batch) -> (state, metrics)``.
+
+  ``metrics``: ``loss`` (float32, the loss that was differentiated), ``valid_pixels``,
+  ``grad_norm``. ``state_sharding`` / ``batch_sharding``: optional shardings (replicated state,
+  batch over ``"data"``); without them jit follows the inputs' shardings.
+  """
+
+  def train_step(state: TrainState, batch):
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, state.rest, copy=True)
+      model.train()
+      logits = model(batch["image"])
+      loss, valid = segmentation_loss(logits, batch["label"], batch["mask"],
+                                      reduction=reduction, class_weights=class_weights)
+      _, _, rest = split_model(model)
+      return loss, (valid, rest)
+
+    (loss, (valid, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "valid_pixels": valid, "grad_norm": optax.global_norm(grads)}
+    return TrainState(params, rest, opt_state, state.step + 1), metrics
+
+  kwargs = {}
+  if state_sharding is not None:
+    kwargs["in_shardings"] = (state_sharding, batch_sharding)
+    kwargs["out_shardings"] = (state_sharding, None)
+  return jax.jit(train_step, donate_argnums=(0,), **kwargs)
+
+
+def make_eval_step(graphdef, num_classes: int):
+  """A jitted ``eval_step(params, rest, hist, batch) -> (hist, logits)``.
+
+  ``hist`` (C, C) int32 confusion matrix (rows = truth), accumulated over pixels whose label is
+  not 255 and whose mask is True (padding and dummy examples never count).
+  """
+
+  def eval_step(params, rest, hist, batch):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    model.eval()
+    logits = model(batch["image"])
+    return update_confusion(hist, logits, batch["label"], batch["mask"]), logits
+
+  return jax.jit(eval_step, donate_argnums=(2,))
+
+
+def make_predict(graphdef):
+  """A jitted ``predict(params, rest, images) -> (B, H, W) int32`` class map (eval mode)."""
+
+  def predict(params, rest, images):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    model.eval()
+    return jnp.argmax(model(images), axis=-1).astype(jnp.int32)
+
+  return jax.jit(predict)
