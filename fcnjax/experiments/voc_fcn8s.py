@@ -66,6 +66,9 @@ def parse_args(argv=None):
   g.add_argument("--pixels-per-batch", type=int)
   p.add_argument("--max-buckets", help="an integer or 'auto'")
   p.add_argument("--precision", choices=["fp32", "bf16"])
+  p.add_argument("--optimizer", choices=["reference", "sgd", "adamw"],
+                 help="reference = Caffe SGD (momentum 0.99, summed loss); sgd / adamw with the "
+                 "preset's schedule")
   p.add_argument("--learning-rate", type=float)
   p.add_argument("--width-multiplier", type=float)
   p.add_argument("--aligned", action=argparse.BooleanOptionalAction, default=None,
@@ -98,6 +101,7 @@ def make_config(args):
       values["steps"] = 300_000
   overrides = {"init": args.init, "steps": args.steps, "epochs": args.epochs,
                "precision": args.precision, "learning_rate": args.learning_rate,
+               "optimizer": args.optimizer,
                "width_multiplier": args.width_multiplier, "aligned": args.aligned,
                "eval_every_epochs": args.eval_every_epochs, "save_every": args.save_every,
                "num_workers": args.num_workers, "seed": args.seed}

@@ -98,8 +98,10 @@ def build_optimizer(cfg: RunConfig, total_steps: int):
     tx = optim.reference_optimizer(cfg.learning_rate, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
   else:
+    # Short runs (tests, --steps N) keep the warm-up under a fifth of the run.
+    warmup = min(cfg.warmup_steps, total_steps // 5)
     tx = optim.modern_optimizer(cfg.optimizer, cfg.learning_rate, total_steps=total_steps,
-                                warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                                warmup_steps=warmup, schedule=cfg.schedule,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
   return optim.with_accumulation(tx, cfg.accumulate) if cfg.accumulate > 1 else tx
 
@@ -208,7 +210,7 @@ class Run:
     batch = np.zeros((n, h, w, 3), np.float32)
     for i, e in enumerate(examples):
       batch[i, :e["image"].shape[0], :e["image"].shape[1]] = self.preprocessing(e["image"])
-    images = jax.device_put(batch, parallel.replicated(self.mesh))
+    images = parallel.replicate(batch, self.mesh)
     preds = np.asarray(jax.device_get(self.predict(self.state.params, self.state.rest, images)))
     preds = [p[:e["label"].shape[0], :e["label"].shape[1]] for p, e in zip(preds, examples)]
     report.plot_predictions([e["image"] for e in examples], [e["label"] for e in examples],

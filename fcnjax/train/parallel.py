@@ -60,5 +60,16 @@ def global_batch(local_batch: dict, mesh) -> dict:
 
 
 def replicate(tree, mesh):
-  """Put every leaf of ``tree`` (identical on every process) on all devices of ``mesh``."""
-  return jax.device_put(tree, replicated(mesh))
+  """Put every leaf of ``tree`` (host or device values, identical on every process) on all
+  devices of ``mesh``. PRNG key arrays keep their type."""
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(put, tree)
