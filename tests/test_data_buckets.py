@@ -130,3 +130,14 @@ def test_stats_cli_on_shipped_csv(capsys):
   assert "images: 2905" in out and "distinct shapes (h x w): 387" in out
   assert "K = 8: 8 buckets, padded-pixel fraction 2." in out
   assert "K = auto" in out
+
+
+def test_plans_for_augmented_sizes_stay_fast_and_hold_every_scale(voc_sizes):
+  from fcnjax.data import augment
+  sizes = augment.planning_sizes(voc_sizes, augment.Augment(scale_range=(0.5, 2.0)))
+  assert len(np.unique(sizes, axis=0)) > 3000
+  t = time.perf_counter()
+  plan = buckets.plan_buckets(sizes, 8)
+  assert time.perf_counter() - t < 6.0
+  assert plan.shape_list[-1] == (1000, 1000)
+  assert (plan.assign(sizes) >= 0).all() and plan.padded_fraction < 0.25

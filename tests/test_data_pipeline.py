@@ -98,7 +98,7 @@ def test_ensure_builtin_dataset_is_cached_and_atomic(tmp_path, monkeypatch):
   stamp = (voc / "JPEGImages/synth_0_000000.jpg").stat().st_mtime_ns
   assert synthetic.ensure_builtin_dataset(tmp_path, num_train=3, num_val=2, scale=0.1) == voc
   assert (voc / "JPEGImages/synth_0_000000.jpg").stat().st_mtime_ns == stamp
-  assert [p.name for p in tmp_path.iterdir()] == ["builtin_voc_n3-2_s0.1_seed0"]
+  assert [p.name for p in tmp_path.iterdir()] == [f"builtin_voc_v{synthetic.GENERATOR_VERSION}_n3-2_s0.1_seed0"]
 
 
 # -- plans and batches ----------------------------------------------------------------------------
@@ -215,6 +215,8 @@ def test_scale_exceeding_given_buckets_is_resized_down_to_fit(train_src):
     assert b["image"].shape[1:3] in shapes
   out = loader.load.plan(0).out_sizes
   assert (out[:, 0] <= 60).all() and (out[:, 1] <= 80).all()
+  with pytest.raises(ValueError, match="never resizes"):
+    pipeline.make_eval_loader(train_src, batch_size=2, bucket_shapes=shapes)
 
 
 def test_pixel_budget_and_device_divisibility(train_src):

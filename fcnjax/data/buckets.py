@@ -109,27 +109,50 @@ class BucketPlan:
     return "\n".join(lines)
 
 
+MAX_PROBLEM_CELLS = 6_000_000
+"""Candidates x distinct shapes above which sizes are rounded to a coarser multiple first."""
+
+
+def _candidates(shapes):
+  """(H, W) pairs of observed heights and widths that are tight: some shape has exactly that height
+  and a width <= W, and some shape has exactly that width and a height <= H (others can shrink)."""
+  def min_other_at(col):
+    order = np.argsort(shapes[:, col], kind="stable")
+    vals, starts = np.unique(shapes[order, col], return_index=True)
+    return vals, np.minimum.reduceat(shapes[order, 1 - col], starts)
+  hs, min_w_at_h = min_other_at(0)
+  ws, min_h_at_w = min_other_at(1)
+  keep = (ws[None, :] >= min_w_at_h[:, None]) & (hs[:, None] >= min_h_at_w[None, :])
+  hi, wi = np.nonzero(keep)
+  return np.stack([hs[hi], ws[wi]], 1)
+
+
 class _Problem:
-  """Weighted distinct shapes + candidate buckets, with vectorised cost evaluation."""
+  """Weighted distinct shapes + candidate buckets, with vectorised cost evaluation.
+
+  Sizes are rounded up to multiples of ``granularity``; if candidates x shapes would exceed
+  :data:`MAX_PROBLEM_CELLS` (e.g. sizes at many augmentation scales), to the smallest coarser
+  multiple of it that fits (``self.step``), which keeps planning around a second.
+  """
 
   def __init__(self, sizes, granularity):
-    g = int(granularity)
-    rounded = -(-sizes // g) * g
-    self.shapes, self.counts = np.unique(rounded, axis=0, return_counts=True)
+    g = step = int(granularity)
+    while True:
+      rounded = -(-sizes // step) * step
+      self.shapes, self.counts = np.unique(rounded, axis=0, return_counts=True)
+      cand = _candidates(self.shapes)
+      if len(cand) * len(self.shapes) <= MAX_PROBLEM_CELLS:
+        break
+      step += g
+    self.step = step
     hs, ws = self.shapes[:, 0], self.shapes[:, 1]
-    H, W = np.meshgrid(np.unique(hs), np.unique(ws), indexing="ij")
-    cand = np.stack([H.ravel(), W.ravel()], 1)
-    # A bucket that holds no shape with exactly its height (or width) can shrink: drop it.
-    fits = (cand[:, None, 0] >= hs[None]) & (cand[:, None, 1] >= ws[None])
-    tight_h = (fits & (cand[:, None, 0] == hs[None])).any(1)
-    tight_w = (fits & (cand[:, None, 1] == ws[None])).any(1)
-    keep = tight_h & tight_w
-    self.cand, self.fits = cand[keep], fits[keep]
-    self.area = (self.cand[:, 0] * self.cand[:, 1]).astype(np.float64)
-    self.top = int(np.flatnonzero((self.cand[:, 0] == hs.max()) & (self.cand[:, 1] == ws.max()))[0])
+    self.cand = cand
+    self.fits = (cand[:, None, 0] >= hs[None]) & (cand[:, None, 1] >= ws[None])
+    self.area = (cand[:, 0] * cand[:, 1]).astype(np.float64)
+    self.top = int(np.flatnonzero((cand[:, 0] == hs.max()) & (cand[:, 1] == ws.max()))[0])
     self.w = self.counts.astype(np.float64)
     # Cost of a shape inside each candidate; inf where it does not fit.
-    self.cost = np.where(self.fits, self.area[:, None], np.inf)
+    self.cost = np.where(self.fits, self.area[:, None], np.inf).astype(np.float32)
 
   def per_shape(self, chosen):
     return self.cost[list(chosen)].min(axis=0)
@@ -139,7 +162,7 @@ class _Problem:
 
   def best_addition(self, per_shape):
     """(candidate, total after adding it) minimising the total."""
-    gain = np.maximum(per_shape[None, :] - self.cost, 0.0) @ self.w
+    gain = np.maximum(per_shape[None, :].astype(np.float32) - self.cost, 0.0) @ self.w
     b = int(gain.argmax())
     return b, float(self.w @ per_shape - gain[b])
 

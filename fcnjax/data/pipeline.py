@@ -307,14 +307,17 @@ def make_loader(source, *, seed: int = 0, num_epochs: int = 1, start_epoch: int 
                 num_devices: int = 1, process_index: int = 0, process_count: int = 1,
                 preprocessing=preprocessing_lib.CAFFE, num_workers: int = 0,
                 num_threads: int = 2, prefetch_batches: int = 2,
-                plan_kwargs: dict | None = None) -> Loader:
+                plan_kwargs: dict | None = None, resize_to_fit: bool = True) -> Loader:
   """Batches of ``source`` for epochs ``start_epoch .. start_epoch + num_epochs - 1``.
 
   Buckets: ``bucket_shapes`` [(H, W), ...] if given, else planned with
   :func:`~fcnjax.data.buckets.plan_buckets` (``max_buckets`` int or "auto", ``granularity``,
   ``plan_kwargs`` for the auto cost model) on the source sizes at the scales ``augment`` can draw.
   Batch sizes: ``batch_size`` (fixed) or ``pixels_per_batch`` (per bucket), multiples of
-  ``num_devices`` (global device count) and of ``process_count``.
+  ``num_devices`` (global device count) and of ``process_count``. Images too large for every
+  given bucket are scaled down to fit the largest (``resize_to_fit``; evaluation raises instead).
+  Workers: ``num_workers`` grain worker processes, ``num_threads`` reading threads per process,
+  ``prefetch_batches`` batches buffered per worker/thread pool.
   """
   if batch_size is None and pixels_per_batch is None:
     batch_size = num_devices
@@ -327,6 +330,9 @@ def make_loader(source, *, seed: int = 0, num_epochs: int = 1, start_epoch: int 
                                     **(plan_kwargs or {}))
   else:
     shapes = buckets_lib.sort_shapes(bucket_shapes)
+    if not resize_to_fit and (buckets_lib.assign_buckets(plan_sizes, shapes) < 0).any():
+      raise ValueError(f"some images are larger than every bucket of {shapes.tolist()}; "
+                       f"evaluation never resizes: give larger bucket_shapes")
     fitted = augment_lib.fit_sizes(plan_sizes, shapes)
     b = buckets_lib.assign_buckets(fitted, shapes)
     plan = buckets_lib.BucketPlan(shapes, np.bincount(b, minlength=len(shapes)),
@@ -360,8 +366,8 @@ def make_train_loader(source, *, seed: int = 0, num_epochs: int = 1, start_epoch
 def make_eval_loader(source, **kw) -> Loader:
   """One pass over ``source``, no augmentation, bucket by bucket in index order, every image
   exactly once (partial batches padded with dummies: ``index`` -1, ``mask`` False)."""
-  for k in ("augment", "remainder", "shuffle", "num_epochs", "start_epoch"):
+  for k in ("augment", "remainder", "shuffle", "num_epochs", "start_epoch", "resize_to_fit"):
     if k in kw:
       raise TypeError(f"make_eval_loader does not take {k!r}")
   return make_loader(source, seed=0, num_epochs=1, shuffle=False, augment=None,
-                     remainder="pad", **kw)
+                     remainder="pad", resize_to_fit=False, **kw)

@@ -8,9 +8,9 @@
 
 so that :func:`fcnjax.data.readers.voc_source` reads it like the real thing. Each image holds 1-3
 objects of the 20 VOC classes on a cluttered, low-contrast background. A class is a shape plus a
-fill texture (:data:`CLASS_SHAPES`): 17 distinct shapes, three of them also in a striped or checkered
+fill texture (:data:`CLASS_SHAPES`): 18 distinct shapes, squares and discs also in a striped
 version. Object colours come from one shared palette, so colour never identifies a class. Objects
-span 30-65 % of the image's short side; a void band (255) of ``max(1, round(4 * scale))`` pixels
+span 36-72 % of the image's short side; a void band (255) of ``max(1, round(4 * scale))`` pixels
 runs along every object boundary, as in VOC. Image sizes are drawn from the real VOC 2012
 segmentation size table (``voc2012_seg_sizes.csv``, 2,905 images, 387 shapes) times ``scale``.
 Everything is a function of ``seed`` (image i uses ``numpy.random.default_rng((seed, i))``).
@@ -39,11 +39,13 @@ from fcnjax.data import palette
 CLASS_SHAPES = {
     1: ("disc", "solid"), 2: ("square", "solid"), 3: ("triangle", "solid"), 4: ("ring", "solid"),
     5: ("plus", "solid"), 6: ("star", "solid"), 7: ("ellipse", "solid"), 8: ("diamond", "solid"),
-    9: ("hexagon", "solid"), 10: ("square", "stripes"), 11: ("disc", "stripes"),
+    9: ("u_shape", "solid"), 10: ("square", "stripes"), 11: ("disc", "stripes"),
     12: ("triangle_down", "solid"), 13: ("x_cross", "solid"), 14: ("crescent", "solid"),
-    15: ("frame", "solid"), 16: ("half_disc", "solid"), 17: ("square", "checker"),
-    18: ("tee", "solid"), 19: ("bar", "solid"), 20: ("triangle", "stripes"),
+    15: ("frame", "solid"), 16: ("half_disc", "solid"), 17: ("hourglass", "solid"),
+    18: ("tee", "solid"), 19: ("bar", "solid"), 20: ("arrow", "solid"),
 }
+GENERATOR_VERSION = 4
+"""Bumped whenever the pictures change, so cached datasets of older versions are not reused."""
 OBJECT_COLORS = np.array([
     (220, 40, 40), (40, 180, 60), (50, 80, 220), (235, 200, 40), (200, 60, 200), (40, 200, 210),
     (245, 130, 30), (250, 250, 250), (25, 25, 25), (150, 90, 40), (130, 200, 120), (120, 120, 250),
@@ -69,8 +71,12 @@ def _poly(kind, cx, cy, rx, ry):
     return reg(3, np.pi / 2)
   if kind == "diamond":
     return reg(4, 0)
-  if kind == "hexagon":
-    return reg(6, 0)
+  if kind == "hourglass":
+    return [(cx - rx, cy - ry), (cx + rx, cy - ry), (cx - rx, cy + ry), (cx + rx, cy + ry)]
+  if kind == "arrow":
+    return [(cx - rx, cy - 0.3 * ry), (cx + 0.1 * rx, cy - 0.3 * ry), (cx + 0.1 * rx, cy - ry),
+            (cx + rx, cy), (cx + 0.1 * rx, cy + ry), (cx + 0.1 * rx, cy + 0.3 * ry),
+            (cx - rx, cy + 0.3 * ry)]
   if kind == "star":
     outer, inner = reg(5, -np.pi / 2), reg(5, -np.pi / 2 + np.pi / 5, 0.42)
     return [p for pair in zip(outer, inner) for p in pair]
@@ -83,7 +89,7 @@ def _shape_mask(kind, h, w, cx, cy, r, aspect):
   d = ImageDraw.Draw(img)
   rx, ry = r * aspect, r / aspect
   box = [cx - rx, cy - ry, cx + rx, cy + ry]
-  t = max(2.0, 0.3 * r)  # stroke width for plus, x_cross, ring, frame, tee
+  t = max(2.0, 0.4 * r)  # stroke width for plus, x_cross, ring, frame, tee, u_shape
   if kind in ("disc", "ring", "crescent"):
     d.ellipse(box, fill=1)
     if kind == "ring":
@@ -108,6 +114,10 @@ def _shape_mask(kind, h, w, cx, cy, r, aspect):
   elif kind == "x_cross":
     d.line([(cx - rx, cy - ry), (cx + rx, cy + ry)], fill=1, width=int(round(t)))
     d.line([(cx - rx, cy + ry), (cx + rx, cy - ry)], fill=1, width=int(round(t)))
+  elif kind == "u_shape":
+    d.rectangle([cx - rx, cy - ry, cx - rx + t, cy + ry], fill=1)
+    d.rectangle([cx + rx - t, cy - ry, cx + rx, cy + ry], fill=1)
+    d.rectangle([cx - rx, cy + ry - t, cx + rx, cy + ry], fill=1)
   elif kind == "tee":
     d.rectangle([cx - rx, cy - ry, cx + rx, cy - ry + t], fill=1)
     d.rectangle([cx - t / 2, cy - ry, cx + t / 2, cy + ry], fill=1)
@@ -159,13 +169,19 @@ def render_example(rng, h, w, band):
   img = _background(rng, h, w)
   label = np.zeros((h, w), np.uint8)
   short = min(h, w)
-  for _ in range(int(rng.integers(1, 4))):
+  for n in range(int(rng.integers(1, 4))):
     cls = int(rng.integers(1, 21))
     kind, texture = CLASS_SHAPES[cls]
-    r = rng.uniform(0.15, 0.33) * short  # radius: the object spans 30-65 % of the short side
+    r = rng.uniform(0.18, 0.36) * short  # radius: the object spans 36-72 % of the short side
     aspect = rng.uniform(0.9, 1.1)
-    cx, cy = rng.uniform(0.1 * w, 0.9 * w), rng.uniform(0.1 * h, 0.9 * h)
-    m = _shape_mask(kind, h, w, cx, cy, r, aspect)
+    for _ in range(8):  # mostly inside the frame, overlapping earlier objects by <= 15 %
+      mx, my = min(1.1 * r, w / 2), min(1.1 * r, h / 2)
+      cx, cy = rng.uniform(mx, w - mx), rng.uniform(my, h - my)
+      m = _shape_mask(kind, h, w, cx, cy, r, aspect)
+      if (label[m] > 0).sum() <= 0.15 * m.sum():
+        break
+    else:
+      continue
     if m.sum() < 16:
       continue
     i1, i2 = rng.choice(len(OBJECT_COLORS), 2, replace=False)
@@ -214,11 +230,11 @@ def ensure_builtin_dataset(cache_dir=None, *, num_train: int = 300, num_val: int
                            scale: float = 0.25, seed: int = 0) -> pathlib.Path:
   """Write the synthetic dataset once and return its VOC2012 folder (cached across calls).
 
-  Default location ``~/.cache/fcnjax/builtin_voc_n<train>-<val>_s<scale>_seed<seed>`` (under
+  Default location ``~/.cache/fcnjax/builtin_voc_v<version>_n<train>-<val>_s<scale>_seed<seed>`` (under
   ``cache_dir`` if given, else ``$FCNJAX_CACHE`` or ``~/.cache/fcnjax``).
   """
   base = pathlib.Path(cache_dir or os.environ.get("FCNJAX_CACHE", "~/.cache/fcnjax")).expanduser()
-  final = base / f"builtin_voc_n{num_train}-{num_val}_s{scale:g}_seed{seed}"
+  final = base / f"builtin_voc_v{GENERATOR_VERSION}_n{num_train}-{num_val}_s{scale:g}_seed{seed}"
   voc = final / "VOCdevkit" / "VOC2012"
   if (final / "COMPLETE").is_file():
     return voc
