@@ -207,6 +207,23 @@ def test_augmentation_is_flip_and_scale_from_the_plan(train_src):
   assert (got == ex["label"]).all() or (got == ex["label"][:, ::-1]).all()
 
 
+def test_color_jitter_factors():
+  img = np.random.default_rng(0).integers(30, 200, (8, 9, 3)).astype(np.uint8)
+  np.testing.assert_array_equal(augment.color_jitter(img, (1, 1, 1)), img)
+  darker = augment.color_jitter(img, (0.5, 1, 1)).astype(float)
+  assert darker.mean() == pytest.approx(img.mean() / 2, abs=1)
+  grey = augment.color_jitter(img, (1, 1, 0)).astype(int)
+  assert np.abs(grey[..., 0] - grey[..., 2]).max() <= 1  # saturation 0 -> grey
+  flat = augment.color_jitter(img, (1, 0, 1)).astype(int)
+  assert flat.std() < 2  # contrast 0 -> one grey level
+  p1 = augment.draw_params(AUG, 3, 1, 50)
+  p2 = augment.draw_params(AUG, 3, 1, 50)
+  p3 = augment.draw_params(AUG, 3, 2, 50)
+  np.testing.assert_array_equal(p1.jitter, p2.jitter)
+  assert not np.array_equal(p1.scale, p3.scale)
+  assert ((p1.jitter >= 0.9) & (p1.jitter <= 1.1)).all() and (p1.jitter != 1).all()
+
+
 def test_scale_exceeding_given_buckets_is_resized_down_to_fit(train_src):
   shapes = [(40, 40), (60, 80)]
   loader = pipeline.make_train_loader(train_src, batch_size=2, seed=0, bucket_shapes=shapes,

@@ -89,6 +89,14 @@ def test_image_conversions_to_rgb_uint8(tmp_path):
   np.testing.assert_array_equal(out["p"], pal[pal_idx])
 
 
+def test_32bit_grey_and_float_images():
+  i32 = np.array([[0, 256, 65535], [512, 1024, 300]], np.int32)
+  out = palette.image_to_rgb(Image.fromarray(i32, "I"))
+  np.testing.assert_array_equal(out[..., 0], (i32 >> 8).astype(np.uint8))
+  f = np.array([[-3.0, 12.4, 300.0]], np.float32)
+  np.testing.assert_array_equal(palette.image_to_rgb(Image.fromarray(f, "F"))[..., 1], [[0, 12, 255]])
+
+
 def test_colour_masks_are_refused():
   im = Image.fromarray(np.array([[[1, 2, 3]]], np.uint8), "RGB")
   with pytest.raises(ValueError, match="colour"):

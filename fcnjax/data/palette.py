@@ -58,8 +58,8 @@ def label_image(label: np.ndarray) -> Image.Image:
 def image_to_rgb(img: Image.Image) -> np.ndarray:
   """Any PIL image -> RGB uint8 (H, W, 3).
 
-  16-bit / 32-bit grey ("I;16", "I") is scaled to 8 bits by its type's range (I;16: >> 8; "I": by
-  the maximum value if above 255); "F" is clipped to 0..255; RGBA / LA / palette-with-alpha drop the
+  16-bit grey ("I;16*") is shifted to 8 bits (>> 8); 32-bit "I" likewise when any value exceeds
+  255 (else its values are taken as 8-bit); "F" is rounded and clipped to 0..255; RGBA / LA / palette-with-alpha drop the
   alpha channel; everything else goes through PIL's own ``convert('RGB')``.
   """
   mode = img.mode
@@ -67,10 +67,9 @@ def image_to_rgb(img: Image.Image) -> np.ndarray:
     arr = np.asarray(img)
     if mode.startswith("I;16"):
       grey = (arr.astype(np.uint32) >> 8).astype(np.uint8)
-    elif mode == "I":
-      arr = arr.astype(np.int64)
-      hi = arr.max(initial=0)
-      grey = (np.clip(arr, 0, None) * 255 // hi if hi > 255 else np.clip(arr, 0, 255)).astype(np.uint8)
+    elif mode == "I":  # 32-bit ints: 16-bit data if any value exceeds 255, else 8-bit values
+      arr = np.clip(arr.astype(np.int64), 0, 65535)
+      grey = (arr >> 8 if arr.max(initial=0) > 255 else arr).astype(np.uint8)
     else:
       grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=-1)
