@@ -73,6 +73,8 @@ def parse_args(argv=None):
   p.add_argument("--width-multiplier", type=float)
   p.add_argument("--aligned", action=argparse.BooleanOptionalAction, default=None,
                  help="aligned variant (no pad 100) or --no-aligned for the exact reference")
+  p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
+                 help="BatchNorm after every 3x3 conv (VGG16-BN); not in the reference")
   p.add_argument("--eval-every-epochs", type=int)
   p.add_argument("--save-every", type=int, help="checkpoint every N steps")
   p.add_argument("--num-workers", type=int, help="grain worker processes for decoding")
@@ -101,7 +103,7 @@ def make_config(args):
       values["steps"] = 300_000
   overrides = {"init": args.init, "steps": args.steps, "epochs": args.epochs,
                "precision": args.precision, "learning_rate": args.learning_rate,
-               "optimizer": args.optimizer,
+               "optimizer": args.optimizer, "batch_norm": args.batch_norm,
                "width_multiplier": args.width_multiplier, "aligned": args.aligned,
                "eval_every_epochs": args.eval_every_epochs, "save_every": args.save_every,
                "num_workers": args.num_workers, "seed": args.seed}

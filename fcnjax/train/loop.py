@@ -43,6 +43,7 @@ class RunConfig:
   width_multiplier: float = 1.0
   aligned: bool = False
   learnable_upsampling: bool = False
+  batch_norm: bool = False             # BatchNorm after every 3x3 conv (VGG16-BN style)
   precision: str = "fp32"              # "fp32" or "bf16" (bf16 compute, fp32 params and loss)
   init: str | None = None              # weights file for fcnjax.weights.init_from
   # optimisation
@@ -78,7 +79,7 @@ class RunConfig:
     """What a checkpoint must match to be restored into this run's model."""
     return {"model": self.model, "num_classes": self.num_classes,
             "width_multiplier": self.width_multiplier, "aligned": self.aligned,
-            "learnable_upsampling": self.learnable_upsampling}
+            "learnable_upsampling": self.learnable_upsampling, "batch_norm": self.batch_norm}
 
   def to_json(self) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v)
@@ -89,7 +90,8 @@ def build_model(cfg: RunConfig, seed: int = 0) -> nnx.Module:
   dtype = {"fp32": None, "bf16": jnp.bfloat16}[cfg.precision]
   return models.MODELS[cfg.model](cfg.num_classes, width_multiplier=cfg.width_multiplier,
                                   aligned=cfg.aligned,
-                                  learnable_upsampling=cfg.learnable_upsampling, dtype=dtype,
+                                  learnable_upsampling=cfg.learnable_upsampling,
+                                  batch_norm=cfg.batch_norm, dtype=dtype,
                                   rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
 

@@ -72,7 +72,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, reduction: st
     (loss, (valid, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "valid_pixels": valid, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "valid_pixels": valid, "grad_norm": optax.tree.norm(grads)}
     return TrainState(params, rest, opt_state, state.step + 1), metrics
 
   kwargs = {}
