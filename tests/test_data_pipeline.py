@@ -85,6 +85,15 @@ def test_objects_are_large_and_colour_does_not_give_the_class():
   assert max(len(v) for v in bins.values()) >= 5
 
 
+def test_stats_and_check_clis_on_a_voc_root(voc, capsys):
+  from fcnjax.data import check, stats
+  assert stats.main([str(voc)]) == 0
+  out = capsys.readouterr().out
+  assert "images: 53" in out and "K = 16" in out and "K = auto" in out
+  assert check.main([str(voc.parent)]) == 0
+  assert "40 examples checked, no problems" in capsys.readouterr().out
+
+
 def test_ensure_builtin_dataset_is_cached_and_atomic(tmp_path, monkeypatch):
   def boom(*a, **k):
     raise KeyboardInterrupt

@@ -10,6 +10,17 @@ Modules (each one job):
   * :mod:`~fcnjax.data.pipeline` - per-epoch plans and the Grain train / eval loaders.
   * ``python -m fcnjax.data.stats ROOT|SIZES.csv`` - size statistics and bucket plans.
   * ``python -m fcnjax.data.check ROOT`` - scan a dataset for bad files.
+
+Typical use (see :mod:`fcnjax.data.pipeline` for the batch format and checkpointing)::
+
+    import fcnjax.data as fd
+    root = fd.ensure_builtin_dataset()              # or a VOCdevkit / VOC2012 folder on disk
+    train = fd.make_train_loader(fd.voc_source(root, "train"), batch_size=8, num_epochs=50,
+                                 seed=0, max_buckets=8, augment=fd.Augment(scale_range=None))
+    val = fd.make_eval_loader(fd.voc_source(root, "val"), batch_size=8, max_buckets=8)
+    print(train.report()); shapes = train.bucket_shapes
+    it = iter(train)
+    for batch in it: ...                            # it.get_state() / it.set_state(state)
 """
 
 from fcnjax.data.palette import IGNORE, NUM_VOC_CLASSES, VOC_CLASSES, VOC_PALETTE, colorize
