@@ -300,6 +300,22 @@ def test_resume_from_mid_epoch_state_in_fresh_iterator(train_src):
   for x, y in zip(rest, ref[7:]):
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
+  # A bare batch counter is enough; a state of another loader is refused.
+  it3 = iter(make())
+  it3.set_state({"next_batch": 7})
+  np.testing.assert_array_equal(next(it3)["index"], ref[7]["index"])
+  other = iter(pipeline.make_train_loader(train_src, batch_size=4, num_epochs=2, seed=5,
+                                          augment=AUG, max_buckets=3))
+  with pytest.raises(ValueError, match="different loader.*seed"):
+    other.set_state(state)
+  # A loader built for more epochs gives the same batches.
+  longer = iter(pipeline.make_train_loader(train_src, batch_size=4, num_epochs=3, seed=4,
+                                           augment=AUG, max_buckets=3))
+  longer.set_state(state)
+  for y in ref[7:]:
+    x = next(longer)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
 
 
 SCRIPT = """

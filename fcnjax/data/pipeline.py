@@ -8,7 +8,7 @@ What the training loop uses::
                                        seed=0, num_epochs=50, max_buckets=8,
                                        augment=augment.Augment(flip=True, scale_range=(0.5, 2.0)))
     it = iter(train)                       # grain DatasetIterator over all epochs
-    for step, batch in enumerate(it): ... # it.get_state() -> {"next_batch": n}; it.set_state(s)
+    for step, batch in enumerate(it): ... # it.get_state() -> {"next_batch": n, ...}; set_state
     train.bucket_shapes                    # [(H, W), ...]: one train-step compile each
     train.batches_per_epoch, len(train)    # per-epoch batch counts, total batches
     train.epoch_and_batch(step)            # which epoch / batch-in-epoch a global step is
@@ -50,7 +50,8 @@ Multi-host: every process computes the same global plan; process p loads rows
 Workers: ``num_workers > 0`` decodes in grain ``mp_prefetch`` worker processes (spawned: the main
 script needs an ``if __name__ == "__main__":`` guard); the batches are identical to
 ``num_workers=0`` and are copied out of shared memory before they reach you. Checkpointing: the
-iterator's ``get_state()`` is ``{"next_batch": n}`` (JSON-able, independent of ``num_workers``);
+iterator's ``get_state()`` is ``{"next_batch": n, <loader fingerprint>}`` (JSON-able, independent of
+``num_workers``; ``set_state`` raises if the fingerprint - seed, bucket shapes, ... - differs);
 ``set_state`` on a fresh iterator of a loader built with the same arguments (any number of workers)
 continues with exactly the batches an uninterrupted run would give. To resume at epoch e with a
 loader built for later epochs only, pass ``start_epoch=e`` and ``next_batch`` = batches already done
@@ -207,9 +208,11 @@ def _ensure_absl_flags():
 class LoaderIterator(grain.DatasetIterator):
   """A grain ``DatasetIterator`` over a :class:`Loader`'s batches.
 
-  ``get_state()`` is ``{"next_batch": n}`` (n = batches returned so far, counted from the loader's
-  ``start_epoch``), the same whatever ``num_workers`` is, so a run checkpointed with N workers
-  resumes with M. ``set_state`` (re)starts the grain pipeline at that batch; the worker processes
+  ``get_state()`` is ``{"next_batch": n, ...}`` (n = batches returned so far, counted from the
+  loader's ``start_epoch``), the same whatever ``num_workers`` is, so a run checkpointed with N
+  workers resumes with M. The other keys (seed, start_epoch, number of examples, bucket shapes,
+  batch sizes) are checked by ``set_state``: restoring into a loader that would give other batches
+  raises ValueError; a bare ``{"next_batch": n}`` is accepted. ``set_state`` (re)starts the grain pipeline at that batch; the worker processes
   start lazily at the first ``next``. Works with ``grain.checkpoint.CheckpointSave/Restore``.
   """
 
@@ -233,9 +236,13 @@ class LoaderIterator(grain.DatasetIterator):
     return batch
 
   def get_state(self) -> dict:
-    return {"next_batch": self._next}
+    return {"next_batch": self._next, **self._loader.fingerprint()}
 
   def set_state(self, state: dict) -> None:
+    mine = self._loader.fingerprint()
+    diff = {k: (state[k], mine[k]) for k in mine if k in state and state[k] != mine[k]}
+    if diff:
+      raise ValueError(f"data state is from a different loader (saved vs this one): {diff}")
     n = int(state["next_batch"])
     if not 0 <= n <= len(self._loader):
       raise ValueError(f"state {state} is outside this loader's {len(self._loader)} batches")
@@ -279,6 +286,13 @@ class Loader:
 
   def __len__(self):
     return int(sum(self.batches_per_epoch))
+
+  def fingerprint(self) -> dict:
+    """What a saved iterator state must agree on to mean the same batches (JSON-able)."""
+    return {"seed": int(self.load.seed), "start_epoch": int(self.start_epoch),
+            "num_examples": int(len(self.load.source)),
+            "bucket_shapes": [list(s) for s in self.bucket_shapes],
+            "batch_sizes": [int(b) for b in self.batch_sizes]}
 
   def dataset_from(self, next_batch: int = 0) -> grain.IterDataset:
     """The grain pipeline for batches ``next_batch .. len(self) - 1``."""
