@@ -1,6 +1,5 @@
 """Bucket planner: the 3 % bar on real VOC sizes, assignment rule, padded fraction, batch sizes."""
 
-import itertools
 import time
 
 import numpy as np

@@ -75,7 +75,6 @@ def test_objects_are_large_and_colour_does_not_give_the_class():
   for _ in range(60):
     image, label = synthetic.render_example(rng, 94, 125, band=1)
     for c in set(np.unique(label).tolist()) - {0, 255}:
-      ys, xs = np.nonzero(label == c)
       colours.setdefault(c, set()).add(tuple(np.median(image[label == c], 0).astype(int) // 40))
   # the same colour bins occur in many classes
   bins = {}
