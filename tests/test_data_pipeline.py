@@ -71,11 +71,15 @@ def test_synthetic_is_deterministic(tmp_path, voc):
 
 def test_objects_are_large_and_colour_does_not_give_the_class():
   rng = np.random.default_rng(0)
-  colours = {}
+  colours, extents = {}, []
   for _ in range(60):
     image, label = synthetic.render_example(rng, 94, 125, band=1)
     for c in set(np.unique(label).tolist()) - {0, 255}:
+      ys, xs = np.nonzero(label == c)
+      extents.append(max(np.ptp(ys), np.ptp(xs)) + 1)
       colours.setdefault(c, set()).add(tuple(np.median(image[label == c], 0).astype(int) // 40))
+  assert np.mean(np.array(extents) >= 0.2 * 94) > 0.95  # objects span >= 20 % of the short side
+  assert len(extents) > 90  # 1-3 objects per image
   # the same colour bins occur in many classes
   bins = {}
   for c, s in colours.items():
