@@ -1,0 +1,1 @@
+"""Benchmarks of fcnjax (run as modules, e.g. ``python -m benchmarks.buckets``)."""

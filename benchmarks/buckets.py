@@ -1,0 +1,730 @@
+"""Batching strategies for variable-size images, timed with the project's real train step.
+
+    python -m benchmarks.buckets [--sizes SIZES.csv | --root VOC_ROOT] [--split train]
+        [--model fcn8s] [--width-multiplier 1] [--aligned] [--batch-size 8 | --pixels-per-batch N]
+        [--precision fp32|bf16] [--devices 1] [--scale 1.0] [--epochs 50] [--sample-shapes 6]
+        [--steps 3] [--ks 2,4,8,16,auto] [--out benchmarks/results/buckets-DATE.json] [--quick]
+
+Images are synthetic random tensors of the real sizes (only the timing matters); every step is
+:func:`fcnjax.train.step.make_train_step` with the run's real optimizer (SGD-momentum, poly).
+Strategies, each planned over one epoch of the size distribution:
+
+1. ``exact``: every image at its own shape, batch 1 (pytorch-fcn); one compile per distinct shape.
+2. ``random-pad``: random batches, each padded to its own max (Keras-style); ~one shape per batch.
+3. ``global-max``: everything padded to the largest (H, W); one compile, most padding.
+4. ``crop``: a random fixed crop (320 x 480 times ``--scale``, d2l); smaller images are dropped.
+5. ``buckets-K``: :func:`fcnjax.data.buckets.plan_buckets` with K buckets (and ``auto``), batches
+   from :func:`fcnjax.data.pipeline.make_epoch_plan`.
+
+Each strategy gets a freshly jitted train step, so its XLA compiles are its own; they are counted
+from JAX's ``/jax/core/compile/backend_compile_duration`` events whose ``fun_name`` is the train
+step's. When a strategy has more distinct batch shapes than ``--sample-shapes``, a stratified
+random sample is measured (one shape per equal-size stratum of padded pixels); the other shapes'
+step times come from a linear fit ``step_s = a + b * pixels`` over every measured shape (pixels =
+B * H * W after the model's own alignment), and their compile times from the strategy's mean
+measured compile time. Output: markdown on stdout, JSON (``--out``), a PNG chart next to it.
+
+Units: seconds (s), pixels (px), Mpx/s = 1e6 real (non-padding) pixels per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from fcnjax.data import buckets as buckets_lib
+
+VOC_CROP = (320, 480)
+"""d2l's random crop (height, width) for VOC, in pixels at scale 1."""
+STRATEGY_NOTES = {
+    "exact": "exact shape, batch 1 per device (pytorch-fcn)",
+    "random-pad": "random batches padded to their own max (Keras)",
+    "global-max": "everything padded to the global max",
+    "crop": "random fixed crop, smaller images dropped (d2l)",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Size distributions
+# ---------------------------------------------------------------------------------------------
+def default_sizes_csv() -> pathlib.Path:
+  """The VOC 2012 segmentation size table shipped with the package."""
+  import fcnjax.data
+  return pathlib.Path(fcnjax.data.__file__).parent / "voc2012_seg_sizes.csv"
+
+
+def load_sizes(csv=None, root=None, splits=("train",)) -> np.ndarray:
+  """(N, 2) int64 (height, width) px from a ``split,image_id,width,height`` CSV or a dataset root."""
+  if root is not None:
+    from fcnjax.data import readers
+    return np.concatenate([readers.open_source(root, s).sizes for s in splits]).astype(np.int64)
+  from fcnjax.data.stats import read_sizes_csv
+  sizes = read_sizes_csv(csv or default_sizes_csv(), list(splits))
+  if len(sizes) == 0:
+    raise ValueError(f"{csv}: no rows for splits {list(splits)}")
+  return sizes
+
+
+def scale_sizes(sizes, scale: float) -> np.ndarray:
+  """Sizes times ``scale``, rounded, at least 1 px."""
+  return np.maximum(np.rint(np.asarray(sizes, np.float64) * scale), 1).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Epoch batch plans (pure numpy)
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class EpochBatches:
+  """One epoch of one strategy: batch ``shapes`` (M, 3) int64 (B, H, W) px, per batch the real
+  (non-padding) ``pixels`` (M,), real ``images`` (M,), and ``rows``: a list of (B, 2) int64 real
+  (h, w) of each example inside the batch, (0, 0) for dummies."""
+
+  shapes: np.ndarray
+  pixels: np.ndarray
+  images: np.ndarray
+  rows: list
+
+  @property
+  def padded_pixels(self) -> np.ndarray:
+    return self.shapes.prod(axis=1)
+
+
+def batches_from_rows(row_sizes: list, hw: list) -> EpochBatches:
+  """``row_sizes``: per batch (B, 2) real (h, w) (0 for dummies); ``hw``: per batch (H, W)."""
+  shapes = np.array([(len(r), h, w) for r, (h, w) in zip(row_sizes, hw)], np.int64).reshape(-1, 3)
+  pixels = np.array([int((r[:, 0] * r[:, 1]).sum()) for r in row_sizes], np.int64)
+  images = np.array([int((r[:, 0] > 0).sum()) for r in row_sizes], np.int64)
+  return EpochBatches(shapes, pixels, images, [np.asarray(r, np.int64) for r in row_sizes])
+
+
+def _chunk(idx: np.ndarray, bs: int) -> list:
+  """Consecutive chunks of ``bs`` indices; the last is filled with -1 (dummies)."""
+  out = []
+  for s in range(0, len(idx), bs):
+    rows = idx[s:s + bs]
+    out.append(np.concatenate([rows, np.full(bs - len(rows), -1, np.int64)]))
+  return out
+
+
+def _rows(sizes, idx) -> np.ndarray:
+  """(B, 2) sizes of indices ``idx`` with (0, 0) for -1."""
+  idx = np.asarray(idx, np.int64)
+  return np.where(idx[:, None] >= 0, sizes[np.maximum(idx, 0)], 0)
+
+
+def plan_exact(sizes, *, num_devices: int = 1, seed: int = 0, epoch: int = 0) -> EpochBatches:
+  """Each image at its own shape; batch = ``num_devices`` images of one shape (1 per device)."""
+  rng = np.random.default_rng((seed, epoch, 11))
+  shapes, inv = np.unique(sizes, axis=0, return_inverse=True)
+  batches = []
+  for k in range(len(shapes)):
+    batches += _chunk(rng.permutation(np.flatnonzero(inv.ravel() == k)), num_devices)
+  batches = [batches[i] for i in rng.permutation(len(batches))]
+  return batches_from_rows([_rows(sizes, b) for b in batches],
+                           [tuple(sizes[b[0]]) for b in batches])
+
+
+def plan_random_pad(sizes, batch_size: int, *, seed: int = 0, epoch: int = 0) -> EpochBatches:
+  """Random batches of ``batch_size``, each padded to its own max height and max width."""
+  rng = np.random.default_rng((seed, epoch, 12))
+  batches = _chunk(rng.permutation(len(sizes)), batch_size)
+  rows = [_rows(sizes, b) for b in batches]
+  return batches_from_rows(rows, [tuple(r.max(axis=0)) for r in rows])
+
+
+def plan_global_max(sizes, batch_size: int, *, seed: int = 0, epoch: int = 0) -> EpochBatches:
+  """Random batches, all padded to the largest height and width of the whole distribution."""
+  rng = np.random.default_rng((seed, epoch, 13))
+  hw = tuple(sizes.max(axis=0))
+  batches = _chunk(rng.permutation(len(sizes)), batch_size)
+  return batches_from_rows([_rows(sizes, b) for b in batches], [hw] * len(batches))
+
+
+def crop_fits(sizes, crop) -> np.ndarray:
+  """(N,) bool: the image holds a ``crop`` (h, w) window."""
+  return (sizes[:, 0] >= crop[0]) & (sizes[:, 1] >= crop[1])
+
+
+def plan_crop(sizes, crop, batch_size: int, *, seed: int = 0, epoch: int = 0) -> EpochBatches:
+  """Random batches of fixed ``crop`` windows; images smaller than the crop are dropped (every
+  pixel of a batch is real, except dummies filling the last batch)."""
+  rng = np.random.default_rng((seed, epoch, 14))
+  keep = np.flatnonzero(crop_fits(sizes, crop))
+  batches = _chunk(rng.permutation(keep), batch_size)
+  crop_rows = [np.where(b[:, None] >= 0, np.asarray(crop, np.int64)[None], 0) for b in batches]
+  return batches_from_rows(crop_rows, [tuple(crop)] * len(batches))
+
+
+def crop_loss(sizes, crop) -> dict:
+  """Images and pixels a fixed crop never trains on: dropped images, and outside-crop pixels."""
+  fits = crop_fits(sizes, crop)
+  area = sizes[:, 0] * sizes[:, 1]
+  seen = int(fits.sum()) * crop[0] * crop[1]
+  return {"crop_hw": [int(crop[0]), int(crop[1])], "images_dropped": int((~fits).sum()),
+          "images_dropped_fraction": float((~fits).mean()),
+          "pixels_dropped_fraction": float(1 - seen / area.sum())}
+
+
+def plan_bucketed(sizes, bucket_shapes, batch_sizes, *, seed: int = 0,
+                  epoch: int = 0) -> EpochBatches:
+  """The project's own epoch plan (:func:`fcnjax.data.pipeline.make_epoch_plan`), pad remainder."""
+  from fcnjax.data import pipeline
+  plan = pipeline.make_epoch_plan(sizes, bucket_shapes, batch_sizes, seed=seed, epoch=epoch)
+  shapes = np.asarray(bucket_shapes, np.int64)
+  return batches_from_rows([_rows(plan.out_sizes, r) for r in plan.rows],
+                           [tuple(shapes[b]) for b in plan.bucket])
+
+
+@dataclasses.dataclass
+class Strategy:
+  """A named batching strategy: ``plan(epoch) -> EpochBatches``, plus facts to report."""
+
+  name: str
+  plan: object
+  note: str = ""
+  info: dict = dataclasses.field(default_factory=dict)
+
+
+def make_strategies(sizes, *, batch_size=None, pixels_per_batch=None, num_devices=1, crop=VOC_CROP,
+                    ks=(2, 4, 8, 16), granularity=1, seed=0) -> list:
+  """The fixed strategies (``auto`` buckets come later, from the measured costs)."""
+  def bsz(shapes):
+    return buckets_lib.batch_sizes(shapes, batch_size=batch_size,
+                                   pixels_per_batch=pixels_per_batch, num_devices=num_devices)
+
+  gmax = sizes.max(axis=0)
+  b_max = int(bsz([gmax])[0])
+  b_crop = int(bsz([crop])[0])
+  out = [
+      Strategy("exact", lambda e: plan_exact(sizes, num_devices=num_devices, seed=seed, epoch=e),
+               STRATEGY_NOTES["exact"], {"batch_size": num_devices}),
+      Strategy("random-pad", lambda e: plan_random_pad(sizes, b_max, seed=seed, epoch=e),
+               STRATEGY_NOTES["random-pad"], {"batch_size": b_max}),
+      Strategy("global-max", lambda e: plan_global_max(sizes, b_max, seed=seed, epoch=e),
+               STRATEGY_NOTES["global-max"], {"batch_size": b_max, "shape": gmax.tolist()}),
+      Strategy("crop", lambda e: plan_crop(sizes, crop, b_crop, seed=seed, epoch=e),
+               STRATEGY_NOTES["crop"], {"batch_size": b_crop, **crop_loss(sizes, crop)}),
+  ]
+  for k in ks:
+    out.append(bucket_strategy(sizes, k, bsz, granularity=granularity, seed=seed))
+  return out
+
+
+def bucket_strategy(sizes, k, bsz, *, granularity=1, seed=0, **plan_kwargs) -> Strategy:
+  """``buckets-K`` with :func:`~fcnjax.data.buckets.plan_buckets` (``plan_kwargs`` for auto)."""
+  plan = buckets_lib.plan_buckets(sizes, k, granularity=granularity, **plan_kwargs)
+  shapes, bs = plan.shapes, bsz(plan.shapes)
+  return Strategy(f"buckets-{k}", lambda e: plan_bucketed(sizes, shapes, bs, seed=seed, epoch=e),
+                  f"{plan.num_buckets} size buckets (plan_buckets)",
+                  {"bucket_shapes": plan.shape_list, "batch_sizes": bs.tolist(),
+                   "planned_padded_fraction": plan.padded_fraction})
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------
+class CompileEvents:
+  """XLA backend compiles seen by ``jax.monitoring`` for functions whose name contains ``name``."""
+
+  EVENT = "/jax/core/compile/backend_compile_duration"
+  _events: list = []
+  _registered = False
+
+  def __init__(self, name: str = "train_step"):
+    import jax
+    self.name = name
+    if not CompileEvents._registered:
+      jax.monitoring.register_event_duration_secs_listener(CompileEvents._listen)
+      CompileEvents._registered = True
+
+  @staticmethod
+  def _listen(event, duration_secs, **kw):
+    if event == CompileEvents.EVENT:
+      CompileEvents._events.append((str(kw.get("fun_name", "")), float(duration_secs)))
+
+  def mark(self) -> int:
+    return len(CompileEvents._events)
+
+  def since(self, mark: int) -> tuple:
+    """(compile count, total backend compile seconds) of ``name`` since ``mark``."""
+    ev = [d for f, d in CompileEvents._events[mark:] if self.name in f]
+    return len(ev), float(sum(ev))
+
+
+@dataclasses.dataclass
+class BenchConfig:
+  model: str = "fcn8s"
+  width_multiplier: float = 1.0
+  aligned: bool = False
+  precision: str = "fp32"
+  devices: int = 1
+  steps: int = 3        # timed steps per shape, after one warm-up step
+  seed: int = 0
+
+
+class Bench:
+  """Model + optimizer state on a mesh; measures train-step shapes with fresh jitted steps."""
+
+  def __init__(self, cfg: BenchConfig):
+    import jax
+    from fcnjax.train import loop, parallel
+    from fcnjax.train import step as step_lib
+    self.cfg = cfg
+    self.jax, self.parallel, self.step_lib = jax, parallel, step_lib
+    run_cfg = loop.RunConfig(model=cfg.model, width_multiplier=cfg.width_multiplier,
+                             aligned=cfg.aligned, precision=cfg.precision, optimizer="sgd",
+                             schedule="poly", seed=cfg.seed)
+    model = loop.build_model(run_cfg, cfg.seed)
+    self.num_classes = run_cfg.num_classes
+    self.input_multiple = int(getattr(model.backbone, "input_multiple", 1))
+    from fcnjax import models
+    self.num_params = models.count_params(model)
+    self.tx = loop.build_optimizer(run_cfg, total_steps=10_000)
+    self.mesh = parallel.make_mesh(cfg.devices)
+    self.graphdef, state = step_lib.init_state(model, self.tx)
+    self.state = parallel.replicate(state, self.mesh)
+    self.events = CompileEvents("train_step")
+    self.rng = np.random.default_rng(cfg.seed)
+
+  def new_step(self):
+    """A freshly jitted real train step (empty compile cache)."""
+    return self.step_lib.make_train_step(
+        self.graphdef, self.tx, state_sharding=self.jax.tree.map(lambda x: x.sharding, self.state),
+        batch_sharding=self.parallel.batch_sharding(self.mesh))
+
+  def model_pixels(self, shape) -> int:
+    """B * H * W px after the model pads H, W to its input multiple (what it computes on)."""
+    m = self.input_multiple
+    b, h, w = (int(v) for v in shape)
+    return b * (-(-h // m) * m) * (-(-w // m) * m)
+
+  def synthetic_batch(self, rows, hw) -> dict:
+    """Random preprocessed images / labels of the real sizes ``rows`` (B, 2), padded to ``hw``."""
+    b, (h, w) = len(rows), hw
+    image = np.zeros((b, h, w, 3), np.float32)
+    label = np.full((b, h, w), 255, np.uint8)
+    mask = np.zeros((b, h, w), bool)
+    for i, (rh, rw) in enumerate(rows):
+      image[i, :rh, :rw] = self.rng.normal(0, 60, (rh, rw, 3))
+      label[i, :rh, :rw] = self.rng.integers(0, self.num_classes, (rh, rw))
+      mask[i, :rh, :rw] = True
+    return self.parallel.global_batch({"image": image, "label": label, "mask": mask}, self.mesh)
+
+  def measure(self, step_fn, rows, hw) -> dict:
+    """Time one batch shape: first call (compile), one warm-up, then ``cfg.steps`` timed steps.
+
+    ``compile_s``: first-call wall seconds minus the median step (trace + lower + compile);
+    ``backend_compile_s`` / ``xla_compiles``: from JAX's compile events during the first call.
+    """
+    batch = self.synthetic_batch(rows, hw)
+    mark = self.events.mark()
+    t = time.perf_counter()
+    self.state, m = step_fn(self.state, batch)
+    self.jax.block_until_ready(m["loss"])
+    first = time.perf_counter() - t
+    n_compiles, backend_s = self.events.since(mark)
+    times = []
+    for i in range(self.cfg.steps + 1):
+      t = time.perf_counter()
+      self.state, m = step_fn(self.state, batch)
+      self.jax.block_until_ready(m["loss"])
+      if i:
+        times.append(time.perf_counter() - t)
+    med = float(np.median(times))
+    if not np.isfinite(float(m["loss"])):
+      raise FloatingPointError(f"non-finite loss at shape {len(rows)}x{hw}")
+    return {"compile_s": max(first - med, 0.0), "first_call_s": first,
+            "backend_compile_s": backend_s, "xla_compiles": n_compiles, "step_s": med,
+            "step_s_min": float(min(times)), "step_s_max": float(max(times)), "timed_steps": len(times)}
+
+
+def sample_shapes(shapes, pixels, n: int, rng) -> np.ndarray:
+  """Indices of distinct ``shapes`` to measure: all if <= ``n``, else one at random from each of
+  ``n`` equal-size strata of the shapes sorted by ``pixels`` (covers small to large)."""
+  if len(shapes) <= n:
+    return np.arange(len(shapes))
+  strata = np.array_split(np.argsort(pixels, kind="stable"), n)
+  return np.sort([int(rng.choice(s)) for s in strata])
+
+
+def distinct_shapes(eb: EpochBatches):
+  """(distinct (B, H, W) shapes (S, 3), batch index -> shape index (M,))."""
+  shapes, inv = np.unique(eb.shapes, axis=0, return_inverse=True)
+  return shapes, inv.ravel()
+
+
+def measure_strategy(bench: Bench, strat: Strategy, sample: int, seed: int = 0,
+                     log=print) -> dict:
+  """Measure (a sample of) the distinct batch shapes of epoch 0 with one fresh train step."""
+  eb = strat.plan(0)
+  shapes, inv = distinct_shapes(eb)
+  pix = np.array([bench.model_pixels(s) for s in shapes])
+  chosen = sample_shapes(shapes, pix, sample, np.random.default_rng((seed, 99)))
+  step_fn = bench.new_step()
+  mark = bench.events.mark()
+  per = []
+  for j in chosen:
+    in_shape = np.flatnonzero(inv == j)
+    first = in_shape[0]
+    b, h, w = (int(v) for v in shapes[j])
+    m = bench.measure(step_fn, eb.rows[first], (h, w))
+    real, padded = eb.pixels[in_shape].sum(), eb.padded_pixels[in_shape].sum()
+    per.append({"shape": [b, h, w], "batches_per_epoch": int(len(in_shape)),
+                "model_pixels": int(pix[j]), **m,
+                "images_per_s": float(eb.images[in_shape].mean() / m["step_s"]),
+                "real_pixels_per_s": float(eb.pixels[in_shape].mean() / m["step_s"]),
+                "padding_fraction": float(1 - real / padded)})
+    log(f"  {strat.name:12s} {b}x{h}x{w}: compile {m['compile_s']:.2f} s, step "
+        f"{m['step_s']:.3f} s ({m['step_s_min']:.3f}-{m['step_s_max']:.3f})")
+  n_compiles, backend_s = bench.events.since(mark)
+  return {"name": strat.name, "note": strat.note, "info": strat.info,
+          "distinct_shapes": int(len(shapes)), "measured_shapes": int(len(chosen)),
+          "sampled": bool(len(chosen) < len(shapes)), "xla_compiles": n_compiles,
+          "backend_compile_s": backend_s, "buckets": per}
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost model and projections
+# ---------------------------------------------------------------------------------------------
+def fit_step_time(pixels, step_s) -> dict:
+  """Least-squares ``step_s = a + b * pixels`` (a in s, b in s/px), with R^2 and the largest
+  relative residual over the points."""
+  x, y = np.asarray(pixels, np.float64), np.asarray(step_s, np.float64)
+  if len(np.unique(x)) < 2:
+    b = float(y.mean() / x.mean())
+    a = 0.0
+  else:
+    b, a = (float(v) for v in np.polyfit(x, y, 1))
+  pred = a + b * x
+  ss = float(((y - y.mean()) ** 2).sum())
+  return {"a_s": a, "b_s_per_px": b, "points": int(len(x)),
+          "r2": float(1 - ((y - pred) ** 2).sum() / ss) if ss > 0 else 1.0,
+          "max_rel_residual": float(np.max(np.abs(pred - y) / y))}
+
+
+def predict_step(fit: dict, pixels) -> np.ndarray:
+  """Fitted step seconds for model pixels (never below 10 % of the fitted per-pixel cost)."""
+  p = np.asarray(pixels, np.float64)
+  return np.maximum(fit["a_s"] + fit["b_s_per_px"] * p, 0.1 * fit["b_s_per_px"] * p)
+
+
+def project(bench_pixels, result: dict, strat: Strategy, fit: dict, epochs: int) -> dict:
+  """Projected times: one epoch and ``epochs`` epochs, compiles counted once per distinct shape
+  (a shape's measured compile and step seconds where measured, else the strategy's mean compile
+  seconds and the fitted step time)."""
+  measured = {tuple(b["shape"]): b for b in result["buckets"]}
+  mean_compile = float(np.mean([b["compile_s"] for b in result["buckets"]]))
+
+  def step_times(eb):
+    pix = np.array([bench_pixels(s) for s in eb.shapes], np.float64)
+    t = predict_step(fit, pix)
+    for i, s in enumerate(map(tuple, eb.shapes.tolist())):
+      if s in measured:
+        t[i] = measured[s]["step_s"]
+    return t
+
+  def compile_total(shapes):
+    return sum(measured[s]["compile_s"] if s in measured else mean_compile for s in shapes)
+
+  eb0 = strat.plan(0)
+  shapes0 = set(map(tuple, eb0.shapes.tolist()))
+  steps0 = step_times(eb0)
+  epoch_s = compile_total(shapes0) + float(steps0.sum())
+  all_shapes, run_steps_s, run_pixels = set(shapes0), float(steps0.sum()), int(eb0.pixels.sum())
+  for e in range(1, epochs):
+    eb = strat.plan(e)
+    all_shapes |= set(map(tuple, eb.shapes.tolist()))
+    run_steps_s += float(step_times(eb).sum())
+    run_pixels += int(eb.pixels.sum())
+  run_s = compile_total(all_shapes) + run_steps_s
+  return {"steps_per_epoch": int(len(eb0.shapes)), "images_per_epoch": int(eb0.images.sum()),
+          "real_pixels_per_epoch": int(eb0.pixels.sum()),
+          "padding_fraction": float(1 - eb0.pixels.sum() / eb0.padded_pixels.sum()),
+          "compile_s_epoch": float(compile_total(shapes0)), "step_s_epoch": float(steps0.sum()),
+          "epoch_s": epoch_s, "real_pixels_per_s": float(eb0.pixels.sum() / epoch_s),
+          "run_epochs": epochs, "run_distinct_shapes": len(all_shapes),
+          "run_compile_s": float(compile_total(all_shapes)), "run_s": run_s,
+          "run_real_pixels_per_s": float(run_pixels / run_s)}
+
+
+def auto_cost_table(sizes, *, compile_s_per_bucket, s_per_pixel, epochs, granularity=1,
+                    max_k=32) -> dict:
+  """The planner's cost ``compile_s_per_bucket * K + s_per_pixel * padded px * epochs`` per K,
+  and the K that ``plan_buckets(..., "auto")`` picks with these numbers."""
+  rows = []
+  for k in range(1, max_k + 1):
+    plan = buckets_lib.plan_buckets(sizes, k, granularity=granularity)
+    rows.append({"k": k, "buckets": plan.num_buckets, "padded_pixels": plan.padded_pixels,
+                 "padded_fraction": plan.padded_fraction,
+                 "compile_cost_s": compile_s_per_bucket * plan.num_buckets,
+                 "pixel_cost_s": s_per_pixel * plan.padded_pixels * epochs})
+    rows[-1]["total_s"] = rows[-1]["compile_cost_s"] + rows[-1]["pixel_cost_s"]
+    if plan.num_buckets < k:
+      break
+  auto = buckets_lib.plan_buckets(sizes, "auto", granularity=granularity, epochs=epochs,
+                                  compile_s_per_bucket=compile_s_per_bucket,
+                                  s_per_pixel=s_per_pixel, max_auto_buckets=max_k)
+  return {"compile_s_per_bucket": compile_s_per_bucket, "s_per_pixel": s_per_pixel,
+          "epochs": epochs, "table": rows, "auto_k": auto.num_buckets,
+          "auto_shapes": auto.shape_list, "auto_padded_fraction": auto.padded_fraction}
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+def machine_info() -> dict:
+  """CPU model, core count, load average, library versions, date (for the record)."""
+  import flax
+  import jax
+  import optax
+  cpu = platform.processor()
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    cpu = next((l.split(":", 1)[1].strip() for l in out.splitlines()
+                if l.startswith("Model name")), cpu)
+  except (OSError, subprocess.SubprocessError):
+    pass
+  devs = jax.devices()
+  return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu,
+          "cpu_count": os.cpu_count(), "loadavg_start": list(os.getloadavg()),
+          "platform": devs[0].platform, "device_kind": devs[0].device_kind,
+          "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+          "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def _f(x, nd=2):
+  return f"{x:,.{nd}f}"
+
+
+def markdown(report: dict) -> str:
+  """The report as markdown tables (per strategy, per bucket, cost model)."""
+  c, m = report["config"], report["machine"]
+  lines = [f"### Batching strategies: {c['model']} x{c['width_multiplier']:g} "
+           f"{'aligned' if c['aligned'] else 'exact'} {c['precision']}, {c['num_images']} images "
+           f"({c['sizes_source']}) at scale {c['scale']:g}, "
+           f"{'batch ' + str(c['batch_size']) if c['batch_size'] else str(c['pixels_per_batch']) + ' px/batch'}"
+           f", {c['devices']} device(s)",
+           "",
+           f"{m['cpu']} ({m['cpu_count']} cores, {m['platform']}), load {m['loadavg_start'][0]:.2f}"
+           f" at start / {m['loadavg_end'][0]:.2f} at end; jax {m['jax']}, flax {m['flax']}; "
+           f"{m['date']}; {c['steps']} timed steps per shape after 1 warm-up; "
+           f"`{c['command']}`", ""]
+  best1 = max(s["projection"]["real_pixels_per_s"] for s in report["strategies"])
+  bestn = max(s["projection"]["run_real_pixels_per_s"] for s in report["strategies"])
+  e = c["epochs"]
+  lines += ["| strategy | distinct shapes | measured | XLA compiles (counted) | compile s (measured) "
+            f"| steps/epoch | padding % | epoch s (projected) | real Mpx/s | x best | {e}-epoch s | "
+            f"{e}-epoch x best |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for s in report["strategies"]:
+    p = s["projection"]
+    measured_compile = sum(b["compile_s"] for b in s["buckets"])
+    lines.append(
+        f"| {s['name']} | {s['distinct_shapes']} | {s['measured_shapes']}"
+        f"{' (sample)' if s['sampled'] else ''} | {s['xla_compiles']} | {_f(measured_compile, 1)} "
+        f"| {p['steps_per_epoch']} | {100 * p['padding_fraction']:.1f} | {_f(p['epoch_s'], 0)} | "
+        f"{p['real_pixels_per_s'] / 1e6:.3f} | {best1 / p['real_pixels_per_s']:.2f} | "
+        f"{_f(p['run_s'], 0)} | {bestn / p['run_real_pixels_per_s']:.2f} |")
+  crop = next((s["info"] for s in report["strategies"] if s["name"] == "crop"), None)
+  lines += [""]
+  if crop:
+    lines.append(f"crop {crop['crop_hw'][0]}x{crop['crop_hw'][1]}: drops {crop['images_dropped']} "
+                 f"images ({100 * crop['images_dropped_fraction']:.1f} %) and never sees "
+                 f"{100 * crop['pixels_dropped_fraction']:.1f} % of the pixels per epoch.")
+  sampled = [s["name"] for s in report["strategies"] if s["sampled"]]
+  fit = report["fit"]
+  lines.append(f"Step-time model (least squares over all {fit['points']} measured shapes): "
+               f"step_s = {fit['a_s']:.4f} + {fit['b_s_per_px']:.3e} x model pixels (B*H*W "
+               f"after the model's alignment), R^2 {fit['r2']:.3f}, max relative residual "
+               f"{100 * fit['max_rel_residual']:.0f} %. " +
+               (f"Strategies measured on a stratified random sample of shapes: "
+                f"{', '.join(sampled)}; their other shapes use this fit and the strategy's mean "
+                "compile time." if sampled else "Every shape was measured."))
+  lines += ["", "| strategy | batch shape BxHxW | batches/epoch | compile s | step s median (min-max) "
+            "| images/s | real Mpx/s | padding % |", "|---|---|---:|---:|---|---:|---:|---:|"]
+  for s in report["strategies"]:
+    for b in s["buckets"]:
+      lines.append(f"| {s['name']} | {'x'.join(map(str, b['shape']))} | {b['batches_per_epoch']} "
+                   f"| {b['compile_s']:.2f} | {b['step_s']:.3f} ({b['step_s_min']:.3f}-"
+                   f"{b['step_s_max']:.3f}) | {b['images_per_s']:.2f} | "
+                   f"{b['real_pixels_per_s'] / 1e6:.3f} | {100 * b['padding_fraction']:.1f} |")
+  a = report["auto"]
+  lines += ["", f"`auto` K for {a['epochs']} epochs with the measured costs (compile "
+            f"{a['compile_s_per_bucket']:.2f} s per bucket = median measured bucket compile; "
+            f"{a['s_per_pixel']:.3e} s per padded pixel = the fit's slope): **K = {a['auto_k']}** "
+            f"(padding {100 * a['auto_padded_fraction']:.1f} %), minimising compile + pixel cost:",
+            "", "| K | buckets | padding % | compile cost s | pixel cost s | total s |",
+            "|---:|---:|---:|---:|---:|---:|"]
+  best_total = min(r["total_s"] for r in a["table"])
+  for r in a["table"]:
+    star = " **min**" if r["total_s"] == best_total else ""
+    lines.append(f"| {r['k']} | {r['buckets']} | {100 * r['padded_fraction']:.2f} | "
+                 f"{_f(r['compile_cost_s'], 1)} | {_f(r['pixel_cost_s'], 1)} | "
+                 f"{_f(r['total_s'], 1)}{star} |")
+  return "\n".join(lines)
+
+
+def plot(report: dict, path) -> None:
+  """PNG: per-bucket real-pixel throughput bars (strategies side by side), projected epoch time."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  strategies = report["strategies"]
+  fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(8, 0.35 * sum(len(s["buckets"]) for s in
+                                                                 strategies) + 3), 9))
+  x, ticks, labels = 0, [], []
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for i, s in enumerate(strategies):
+    xs = x + np.arange(len(s["buckets"]))
+    ax.bar(xs, [b["real_pixels_per_s"] / 1e6 for b in s["buckets"]],
+           color=colors[i % len(colors)], label=s["name"])
+    ticks += list(xs)
+    labels += [f"{b['shape'][1]}x{b['shape'][2]}" for b in s["buckets"]]
+    x += len(s["buckets"]) + 1
+  ax.set_xticks(ticks, labels, rotation=90, fontsize=7)
+  ax.set_ylabel("real Mpx/s (steady state)")
+  ax.set_title("Per measured batch shape: real-pixel throughput")
+  ax.legend(fontsize=7, ncol=3)
+  names = [s["name"] for s in strategies]
+  comp = [s["projection"]["compile_s_epoch"] for s in strategies]
+  steps = [s["projection"]["step_s_epoch"] for s in strategies]
+  ax2.barh(names, steps, label="steps")
+  ax2.barh(names, comp, left=steps, label="compiles")
+  ax2.set_xlabel("projected seconds for one epoch")
+  ax2.invert_yaxis()
+  ax2.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+QUICK = dict(width_multiplier=0.0625, aligned=True, scale=0.1, steps=2, sample_shapes=2,
+             batch_size=2, max_images=64)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(prog="python -m benchmarks.buckets",
+                              description=__doc__.split("\n")[0])
+  src = p.add_mutually_exclusive_group()
+  src.add_argument("--sizes", help="CSV split,image_id,width,height (default: shipped VOC 2012)")
+  src.add_argument("--root", help="dataset root to scan (VOC / SBD; image headers only)")
+  p.add_argument("--split", default="train", help="comma-separated splits (default train)")
+  p.add_argument("--model", default="fcn8s")
+  p.add_argument("--width-multiplier", type=float, default=1.0)
+  p.add_argument("--aligned", action="store_true")
+  g = p.add_mutually_exclusive_group()
+  g.add_argument("--batch-size", type=int)
+  g.add_argument("--pixels-per-batch", type=int)
+  p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+  p.add_argument("--devices", type=int, default=1, help="mesh over the first N devices")
+  p.add_argument("--scale", type=float, default=1.0, help="shrink every size (and the crop)")
+  p.add_argument("--max-images", type=int, default=None,
+                 help="use a random subset of this many images (default: all)")
+  p.add_argument("--granularity", type=int, default=1, help="bucket H, W multiple")
+  p.add_argument("--ks", default="2,4,8,16,auto", help="bucket counts (and 'auto')")
+  p.add_argument("--epochs", type=int, default=50, help="epochs for 'auto' and run projections")
+  p.add_argument("--steps", type=int, default=3, help="timed steps per shape (after 1 warm-up)")
+  p.add_argument("--sample-shapes", type=int, default=6,
+                 help="measure at most this many shapes per strategy (stratified random sample)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", help="JSON path (default benchmarks/results/buckets-<date>.json); the "
+                               "PNG goes next to it")
+  p.add_argument("--quick", action="store_true",
+                 help="CI-sized: width 1/16 aligned, scale 0.1, 64 images, batch 2, 2 steps, "
+                      "2 sampled shapes")
+  a = p.parse_args(argv)
+  if a.quick:
+    for k, v in QUICK.items():
+      if k == "batch_size" and a.pixels_per_batch:
+        continue
+      if k == "aligned" or getattr(a, k) == p.get_default(k):
+        setattr(a, k, v)
+  if a.batch_size is None and a.pixels_per_batch is None:
+    a.batch_size = 8
+  return a
+
+
+def main(argv=None) -> int:
+  a = parse_args(argv)
+  if a.devices > 1 and "jax" not in sys.modules:  # CPU: simulate devices (no-op on accelerators)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+      os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={a.devices}"
+  splits = [s for s in a.split.split(",") if s]
+  sizes = load_sizes(a.sizes, a.root, splits)
+  source = a.root or (a.sizes or "shipped voc2012_seg_sizes.csv")
+  if a.max_images and a.max_images < len(sizes):
+    sizes = sizes[np.sort(np.random.default_rng(a.seed).choice(len(sizes), a.max_images, False))]
+  sizes = scale_sizes(sizes, a.scale)
+  crop = tuple(int(v) for v in scale_sizes(np.array([VOC_CROP]), a.scale)[0])
+  ks = [k for k in a.ks.split(",") if k]
+  fixed_ks = [int(k) for k in ks if k != "auto"]
+  out = pathlib.Path(a.out or f"benchmarks/results/buckets-{datetime.date.today()}.json")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  log = lambda *x: print(*x, file=sys.stderr, flush=True)  # noqa: E731
+
+  bench = Bench(BenchConfig(a.model, a.width_multiplier, a.aligned, a.precision, a.devices,
+                            a.steps, a.seed))
+  machine = machine_info()
+  log(f"{len(sizes)} images, {len(np.unique(sizes, axis=0))} distinct shapes; "
+      f"{bench.num_params:,} parameters; load {machine['loadavg_start'][0]:.2f}")
+  batching = dict(batch_size=a.batch_size, pixels_per_batch=a.pixels_per_batch,
+                  num_devices=a.devices)
+  strategies = make_strategies(sizes, **batching, crop=crop, ks=fixed_ks,
+                               granularity=a.granularity, seed=a.seed)
+  t0 = time.perf_counter()
+  results = [measure_strategy(bench, s, a.sample_shapes, a.seed, log) for s in strategies]
+  points = [(b["model_pixels"], b["step_s"]) for r in results for b in r["buckets"]]
+  fit = fit_step_time(*zip(*points))
+  bucket_compiles = [b["compile_s"] for r in results if r["name"].startswith("buckets-")
+                     for b in r["buckets"]] or [b["compile_s"] for r in results for b in r["buckets"]]
+  auto = auto_cost_table(sizes, compile_s_per_bucket=float(np.median(bucket_compiles)),
+                         s_per_pixel=fit["b_s_per_px"], epochs=a.epochs,
+                         granularity=a.granularity)
+  if "auto" in ks:
+    def bsz(shapes):
+      return buckets_lib.batch_sizes(shapes, **batching)
+    s = bucket_strategy(sizes, "auto", bsz, granularity=a.granularity, seed=a.seed,
+                        epochs=a.epochs, compile_s_per_bucket=auto["compile_s_per_bucket"],
+                        s_per_pixel=auto["s_per_pixel"])
+    strategies.append(s)
+    results.append(measure_strategy(bench, s, a.sample_shapes, a.seed, log))
+  for r, s in zip(results, strategies):
+    r["projection"] = project(bench.model_pixels, r, s, fit, a.epochs)
+  machine["loadavg_end"] = list(os.getloadavg())
+  report = {
+      "config": {"command": "python -m benchmarks.buckets " + " ".join(
+                     argv if argv is not None else sys.argv[1:]),
+                 "sizes_source": str(source), "splits": splits, "num_images": int(len(sizes)),
+                 "distinct_sizes": int(len(np.unique(sizes, axis=0))), "scale": a.scale,
+                 "model": a.model, "width_multiplier": a.width_multiplier, "aligned": a.aligned,
+                 "num_params": bench.num_params, "precision": a.precision,
+                 "devices": a.devices, "batch_size": a.batch_size,
+                 "pixels_per_batch": a.pixels_per_batch, "granularity": a.granularity,
+                 "epochs": a.epochs, "steps": a.steps, "sample_shapes": a.sample_shapes,
+                 "seed": a.seed, "quick": a.quick, "optimizer": "sgd momentum 0.9, poly",
+                 "measure_wall_s": time.perf_counter() - t0},
+      "machine": machine, "fit": fit, "auto": auto, "strategies": results}
+  out.write_text(json.dumps(report, indent=1))
+  png = out.with_suffix(".png")
+  plot(report, png)
+  print(markdown(report))
+  log(f"wrote {out} and {png}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
