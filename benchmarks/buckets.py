@@ -412,10 +412,26 @@ def fit_step_time(pixels, step_s) -> dict:
           "max_rel_residual": float(np.max(np.abs(pred - y) / y))}
 
 
+def pooled_fit(results) -> dict:
+  """:func:`fit_step_time` over every measured shape of ``results``."""
+  pts = [(b["model_pixels"], b["step_s"]) for r in results for b in r["buckets"]]
+  return fit_step_time(*zip(*pts))
+
+
+def own_fit(result, min_points: int = 3):
+  """A strategy's own fit when it measured >= ``min_points`` shapes of distinct pixels (its batch
+  size and shape mix), else None."""
+  pix = [b["model_pixels"] for b in result["buckets"]]
+  if len(set(pix)) < min_points:
+    return None
+  fit = fit_step_time(pix, [b["step_s"] for b in result["buckets"]])
+  return dict(fit, source="own") if fit["b_s_per_px"] > 0 else None
+
+
 def predict_step(fit: dict, pixels) -> np.ndarray:
-  """Fitted step seconds for model pixels (never below 10 % of the fitted per-pixel cost)."""
+  """Fitted step seconds for model pixels (never below 10 % of the pure per-pixel cost)."""
   p = np.asarray(pixels, np.float64)
-  return np.maximum(fit["a_s"] + fit["b_s_per_px"] * p, 0.1 * fit["b_s_per_px"] * p)
+  return np.maximum(fit["a_s"] + fit["b_s_per_px"] * p, 0.1 * abs(fit["b_s_per_px"]) * p)
 
 
 def project(bench_pixels, result: dict, strat: Strategy, fit: dict, epochs: int) -> dict:
@@ -548,8 +564,12 @@ def markdown(report: dict) -> str:
                f"after the model's alignment), R^2 {fit['r2']:.3f}, max relative residual "
                f"{100 * fit['max_rel_residual']:.0f} %. " +
                (f"Strategies measured on a stratified random sample of shapes: "
-                f"{', '.join(sampled)}; their other shapes use this fit and the strategy's mean "
-                "compile time." if sampled else "Every shape was measured."))
+                f"{', '.join(sampled)}; their unmeasured shapes use the strategy's mean measured "
+                "compile time and a step-time fit: " + "; ".join(
+                    f"{s['name']} {s['fit']['source']} (a {s['fit']['a_s']:.4f} s, b "
+                    f"{s['fit']['b_s_per_px']:.3e} s/px, R^2 {s['fit']['r2']:.2f})"
+                    for s in report["strategies"] if s["sampled"]) + "."
+                if sampled else "Every shape was measured."))
   lines += ["", "| strategy | batch shape BxHxW | batches/epoch | compile s | step s median (min-max) "
             "| images/s | real Mpx/s | padding % |", "|---|---|---:|---:|---|---:|---:|---:|"]
   for s in report["strategies"]:
@@ -611,7 +631,7 @@ def plot(report: dict, path) -> None:
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
-QUICK = dict(width_multiplier=0.0625, aligned=True, scale=0.1, steps=2, sample_shapes=2,
+QUICK = dict(width_multiplier=0.0625, aligned=True, scale=0.1, steps=2, sample_shapes=1,
              batch_size=2, max_images=64)
 
 
@@ -644,7 +664,7 @@ def parse_args(argv=None):
                                "PNG goes next to it")
   p.add_argument("--quick", action="store_true",
                  help="CI-sized: width 1/16 aligned, scale 0.1, 64 images, batch 2, 2 steps, "
-                      "2 sampled shapes")
+                      "1 sampled shape per strategy")
   a = p.parse_args(argv)
   if a.quick:
     for k, v in QUICK.items():
@@ -687,12 +707,12 @@ def main(argv=None) -> int:
                                granularity=a.granularity, seed=a.seed)
   t0 = time.perf_counter()
   results = [measure_strategy(bench, s, a.sample_shapes, a.seed, log) for s in strategies]
-  points = [(b["model_pixels"], b["step_s"]) for r in results for b in r["buckets"]]
-  fit = fit_step_time(*zip(*points))
-  bucket_compiles = [b["compile_s"] for r in results if r["name"].startswith("buckets-")
-                     for b in r["buckets"]] or [b["compile_s"] for r in results for b in r["buckets"]]
+  fit = pooled_fit(results)
+  bucket_results = [r for r in results if r["name"].startswith("buckets-")] or results
+  bucket_fit = pooled_fit(bucket_results)
+  bucket_compiles = [b["compile_s"] for r in bucket_results for b in r["buckets"]]
   auto = auto_cost_table(sizes, compile_s_per_bucket=float(np.median(bucket_compiles)),
-                         s_per_pixel=fit["b_s_per_px"], epochs=a.epochs,
+                         s_per_pixel=bucket_fit["b_s_per_px"], epochs=a.epochs,
                          granularity=a.granularity)
   if "auto" in ks:
     def bsz(shapes):
@@ -702,8 +722,10 @@ def main(argv=None) -> int:
                         s_per_pixel=auto["s_per_pixel"])
     strategies.append(s)
     results.append(measure_strategy(bench, s, a.sample_shapes, a.seed, log))
+  fit = pooled_fit(results)
   for r, s in zip(results, strategies):
-    r["projection"] = project(bench.model_pixels, r, s, fit, a.epochs)
+    r["fit"] = own_fit(r) or dict(fit, source="pooled")
+    r["projection"] = project(bench.model_pixels, r, s, r["fit"], a.epochs)
   machine["loadavg_end"] = list(os.getloadavg())
   report = {
       "config": {"command": "python -m benchmarks.buckets " + " ".join(
@@ -717,7 +739,7 @@ def main(argv=None) -> int:
                  "epochs": a.epochs, "steps": a.steps, "sample_shapes": a.sample_shapes,
                  "seed": a.seed, "quick": a.quick, "optimizer": "sgd momentum 0.9, poly",
                  "measure_wall_s": time.perf_counter() - t0},
-      "machine": machine, "fit": fit, "auto": auto, "strategies": results}
+      "machine": machine, "fit": fit, "bucket_fit": bucket_fit, "auto": auto, "strategies": results}
   out.write_text(json.dumps(report, indent=1))
   png = out.with_suffix(".png")
   plot(report, png)

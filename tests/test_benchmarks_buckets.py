@@ -1,0 +1,73 @@
+"""The batching-strategy benchmark runs end to end in --quick mode (one subprocess, ~1 min)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STRATEGIES = {"exact", "random-pad", "global-max", "crop", "buckets-2", "buckets-4", "buckets-8",
+              "buckets-16", "buckets-auto"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench") / "quick.json"
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.buckets", "--quick", "--out", str(out)],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return json.loads(out.read_text()), out, proc.stdout
+
+
+def test_every_strategy_compiles_and_has_sane_numbers(quick_run):
+  report, _, _ = quick_run
+  by_name = {s["name"]: s for s in report["strategies"]}
+  assert set(by_name) == STRATEGIES
+  for s in by_name.values():
+    assert s["xla_compiles"] > 0, s["name"]
+    assert 1 <= s["measured_shapes"] <= s["distinct_shapes"]
+    assert s["sampled"] == (s["measured_shapes"] < s["distinct_shapes"])
+    p = s["projection"]
+    assert p["steps_per_epoch"] > 0 and 0 < p["epoch_s"] < 1e5
+    assert 0 <= p["padding_fraction"] < 1 and p["real_pixels_per_s"] > 0
+    assert p["run_s"] >= p["epoch_s"] * 0.99
+    for b in s["buckets"]:
+      assert 0 < b["step_s_min"] <= b["step_s"] <= b["step_s_max"] < 60
+      assert b["compile_s"] > 0 and b["xla_compiles"] == 1
+      assert 0 <= b["padding_fraction"] < 1 and b["real_pixels_per_s"] > 0
+  # One compile per distinct batch shape measured, counted from JAX's own compile events.
+  for name in STRATEGIES:
+    assert by_name[name]["xla_compiles"] == len(by_name[name]["buckets"]), name
+  for k in (2, 4, 8, 16):
+    s = by_name[f"buckets-{k}"]
+    assert s["distinct_shapes"] <= k
+    assert s["xla_compiles"] == s["measured_shapes"] == len({tuple(b["shape"])
+                                                             for b in s["buckets"]})
+  assert by_name["global-max"]["distinct_shapes"] == by_name["crop"]["distinct_shapes"] == 1
+  assert by_name["exact"]["projection"]["padding_fraction"] == 0
+  crop = by_name["crop"]["info"]
+  assert 0 <= crop["images_dropped_fraction"] < 1 and 0 < crop["pixels_dropped_fraction"] < 1
+  # Padding only grows as buckets get fewer; global max pads most.
+  pads = [by_name[f"buckets-{k}"]["info"]["planned_padded_fraction"] for k in (16, 8, 4, 2)]
+  assert pads == sorted(pads)
+  assert by_name["global-max"]["projection"]["padding_fraction"] >= pads[-1]
+
+
+def test_auto_k_from_measured_costs(quick_run):
+  report, _, stdout = quick_run
+  auto = report["auto"]
+  assert auto["compile_s_per_bucket"] > 0 and auto["s_per_pixel"] > 0
+  totals = {r["k"]: r["total_s"] for r in auto["table"]}
+  assert auto["auto_k"] == len(report["strategies"][-1]["info"]["bucket_shapes"])
+  assert totals[min(totals, key=totals.get)] <= totals.get(auto["auto_k"], float("inf")) + 1e-6
+  assert f"**K = {auto['auto_k']}**" in stdout
+
+
+def test_outputs_markdown_and_png(quick_run):
+  report, out, stdout = quick_run
+  assert "| strategy |" in stdout and "buckets-auto" in stdout
+  png = out.with_suffix(".png")
+  assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+  assert report["machine"]["jax"] and report["config"]["quick"]
