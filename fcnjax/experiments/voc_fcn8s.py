@@ -7,10 +7,11 @@
 
 Presets (plain code below; flags override them):
 
-* ``smoke``: the built-in data (300 train / 100 val images at 1/4 of VOC's sizes), an FCN-8s at
+* ``smoke``: the built-in data (2,000 train / 200 val images at 1/4 of VOC's sizes), an FCN-8s at
   1/8 of VGG16's widths in the *aligned* variant (no pad-100: on 2 CPU cores the exact geometry's
-  pad of 100 makes every step ~9x slower on these small images), AdamW, 4 size buckets.
-  Finishes in minutes on a laptop CPU.
+  pad of 100 makes every step ~9x slower on these small images; ``--no-aligned`` for the exact
+  one), AdamW with cosine decay, batch 8, 4 size buckets, 4 epochs (1,000 steps). Finishes in
+  minutes on a laptop CPU; see experiments/voc_fcn8s/README.md for a recorded run.
 * ``fast``: full-width exact FCN-8s, SGD 0.9 with poly decay on the mean loss, bf16 compute,
   batch 8 of real, uncropped images in 8 size buckets, flip + scale 0.5-2 augmentation. A GPU job.
 * ``paper``: the reference recipe exactly: SBD train (``train_aug`` ids if ``--sbd-root`` points
@@ -31,8 +32,8 @@ import sys
 PRESETS = {
     "smoke": dict(model="fcn8s", width_multiplier=1 / 8, aligned=True, optimizer="adamw",
                   learning_rate=3e-3, weight_decay=1e-4, schedule="cosine", warmup_steps=20,
-                  loss_reduction="mean", epochs=30, batch_size=8, max_buckets=4,
-                  flip=True, scale_range=None, eval_every_epochs=5, save_every=200),
+                  loss_reduction="mean", epochs=4, batch_size=8, max_buckets=4,
+                  flip=True, scale_range=None, eval_every_epochs=1, save_every=250),
     "fast": dict(model="fcn8s", optimizer="sgd", learning_rate=0.01, momentum=0.9,
                  weight_decay=5e-4, schedule="poly", warmup_steps=500, loss_reduction="mean",
                  epochs=50, batch_size=8, max_buckets=8, flip=True, scale_range=(0.5, 2.0),
@@ -42,7 +43,7 @@ PRESETS = {
                   flip=False, scale_range=None, eval_every_epochs=1, save_every=4000),
 }
 PAPER_LR = {"fcn32s": 1e-10, "fcn16s": 1e-12, "fcn8s": 1e-14, "fcn8s-atonce": 1e-10}
-SMOKE_DATA = dict(num_train=300, num_val=100, scale=0.25, seed=0)
+SMOKE_DATA = dict(num_train=2000, num_val=200, scale=0.25, seed=0)
 
 
 def parse_args(argv=None):
