@@ -55,6 +55,8 @@ def parse_args(argv=None):
                  "dataset is used")
   p.add_argument("--sbd-root", help="SBD 'dataset' folder (img/, cls/) or a folder with "
                  "SegmentationClassAug: train on it, evaluate on seg11valid (the paper)")
+  p.add_argument("--val-split", help="VOC split to evaluate on (default: val; seg11valid with "
+                 "--sbd-root)")
   p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                  help="default: smoke on the built-in data, fast with --voc-root")
   p.add_argument("--model", choices=["fcn32s", "fcn16s", "fcn8s", "fcn8s-atonce"])
@@ -76,6 +78,8 @@ def parse_args(argv=None):
                  help="aligned variant (no pad 100) or --no-aligned for the exact reference")
   p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
                  help="BatchNorm after every 3x3 conv (VGG16-BN); not in the reference")
+  p.add_argument("--grad-accumulation", type=int,
+                 help="accumulate gradients over N batches per update (Caffe's iter_size)")
   p.add_argument("--eval-every-epochs", type=int)
   p.add_argument("--save-every", type=int, help="checkpoint every N steps")
   p.add_argument("--num-workers", type=int, help="grain worker processes for decoding")
@@ -105,6 +109,7 @@ def make_config(args):
   overrides = {"init": args.init, "steps": args.steps, "epochs": args.epochs,
                "precision": args.precision, "learning_rate": args.learning_rate,
                "optimizer": args.optimizer, "batch_norm": args.batch_norm,
+               "accumulate": args.grad_accumulation,
                "width_multiplier": args.width_multiplier, "aligned": args.aligned,
                "eval_every_epochs": args.eval_every_epochs, "save_every": args.save_every,
                "num_workers": args.num_workers, "seed": args.seed}
@@ -133,10 +138,12 @@ def make_sources(args):
                                      else sbd.parent, "train_aug")
     else:
       train = readers.sbd_source(sbd, "train")
-    return train, readers.voc_source(args.voc_root, "seg11valid"), "SBD + VOC seg11valid"
+    split = args.val_split or "seg11valid"
+    return train, readers.voc_source(args.voc_root, split), f"SBD + VOC {split}"
   if args.voc_root:
-    return (readers.voc_source(args.voc_root, "train"), readers.voc_source(args.voc_root, "val"),
-            f"VOC 2012 at {args.voc_root}")
+    split = args.val_split or "val"
+    return (readers.voc_source(args.voc_root, "train"), readers.voc_source(args.voc_root, split),
+            f"VOC 2012 at {args.voc_root} (val: {split})")
   print("No VOC on disk (no --voc-root): using the built-in VOC-layout dataset "
         f"({SMOKE_DATA['num_train']} train / {SMOKE_DATA['num_val']} val images).", flush=True)
   root = synthetic.ensure_builtin_dataset(args.data_cache, **SMOKE_DATA)
