@@ -90,6 +90,9 @@ def parse_args(argv=None):
                  help="evaluate (the workdir's latest checkpoint, or --init) and exit")
   p.add_argument("--data-cache", help="where the built-in dataset is written (default "
                  "~/.cache/fcnjax or $FCNJAX_CACHE)")
+  p.add_argument("--compile-cache", default="~/.cache/fcnjax/xla",
+                 help="JAX persistent compilation cache folder, so a resumed or repeated run "
+                 "skips recompiling its buckets ('' to disable)")
   p.add_argument("--coordinator-address", help="multi-process: host:port of process 0")
   p.add_argument("--num-processes", type=int)
   p.add_argument("--process-id", type=int)
@@ -152,6 +155,10 @@ def make_sources(args):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  import os
+  import jax
+  if args.compile_cache and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compile_cache))
   from fcnjax.train import parallel
   parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   from fcnjax.train.loop import TrainingDiverged, train
