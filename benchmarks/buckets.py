@@ -363,34 +363,72 @@ def distinct_shapes(eb: EpochBatches):
   return shapes, inv.ravel()
 
 
-def measure_strategy(bench: Bench, strat: Strategy, sample: int, seed: int = 0,
-                     log=print) -> dict:
-  """Measure (a sample of) the distinct batch shapes of epoch 0 with one fresh train step."""
-  eb = strat.plan(0)
-  shapes, inv = distinct_shapes(eb)
-  pix = np.array([bench.model_pixels(s) for s in shapes])
-  chosen = sample_shapes(shapes, pix, sample, np.random.default_rng((seed, 99)))
-  step_fn = bench.new_step()
-  mark = bench.events.mark()
-  per = []
-  for j in chosen:
-    in_shape = np.flatnonzero(inv == j)
-    first = in_shape[0]
-    b, h, w = (int(v) for v in shapes[j])
-    m = bench.measure(step_fn, eb.rows[first], (h, w))
+class StrategyRun:
+  """Measurement state of one strategy: epoch 0's plan, the sampled shapes, a fresh train step.
+
+  ``xla_compiles`` / ``backend_compile_s`` add up the compile events seen during this strategy's
+  own calls (steps run one at a time, so events belong to the call they happen in).
+  """
+
+  def __init__(self, bench: Bench, strat: Strategy, sample: int, seed: int = 0):
+    self.bench, self.strat = bench, strat
+    self.eb = strat.plan(0)
+    self.shapes, self.inv = distinct_shapes(self.eb)
+    self.pix = np.array([bench.model_pixels(s) for s in self.shapes])
+    self.chosen = sample_shapes(self.shapes, self.pix, sample, np.random.default_rng((seed, 99)))
+    self.step_fn = bench.new_step()
+    self.buckets = []
+
+  @property
+  def pending(self) -> bool:
+    return len(self.buckets) < len(self.chosen)
+
+  def measure_next(self, log=print) -> None:
+    """Measure the next sampled shape (the first batch of the epoch with that shape)."""
+    eb, j = self.eb, self.chosen[len(self.buckets)]
+    in_shape = np.flatnonzero(self.inv == j)
+    b, h, w = (int(v) for v in self.shapes[j])
+    m = self.bench.measure(self.step_fn, eb.rows[in_shape[0]], (h, w))
     real, padded = eb.pixels[in_shape].sum(), eb.padded_pixels[in_shape].sum()
-    per.append({"shape": [b, h, w], "batches_per_epoch": int(len(in_shape)),
-                "model_pixels": int(pix[j]), **m,
-                "images_per_s": float(eb.images[in_shape].mean() / m["step_s"]),
-                "real_pixels_per_s": float(eb.pixels[in_shape].mean() / m["step_s"]),
-                "padding_fraction": float(1 - real / padded)})
-    log(f"  {strat.name:12s} {b}x{h}x{w}: compile {m['compile_s']:.2f} s, step "
-        f"{m['step_s']:.3f} s ({m['step_s_min']:.3f}-{m['step_s_max']:.3f})")
-  n_compiles, backend_s = bench.events.since(mark)
-  return {"name": strat.name, "note": strat.note, "info": strat.info,
-          "distinct_shapes": int(len(shapes)), "measured_shapes": int(len(chosen)),
-          "sampled": bool(len(chosen) < len(shapes)), "xla_compiles": n_compiles,
-          "backend_compile_s": backend_s, "buckets": per}
+    self.buckets.append({"shape": [b, h, w], "batches_per_epoch": int(len(in_shape)),
+                         "batch_index": int(in_shape[0]),
+                         "model_pixels": int(self.pix[j]), **m,
+                         "images_per_s": float(eb.images[in_shape].mean() / m["step_s"]),
+                         "real_pixels_per_s": float(eb.pixels[in_shape].mean() / m["step_s"]),
+                         "padding_fraction": float(1 - real / padded)})
+    log(f"  {self.strat.name:12s} {b}x{h}x{w}: compile {m['compile_s']:.2f} s, step "
+        f"{m['step_s']:.3f} s ({m['step_s_min']:.3f}-{m['step_s_max']:.3f}), load "
+        f"{os.getloadavg()[0]:.2f}")
+
+  def result(self) -> dict:
+    s = self.strat
+    return {"name": s.name, "note": s.note, "info": s.info,
+            "distinct_shapes": int(len(self.shapes)), "measured_shapes": int(len(self.chosen)),
+            "sampled": bool(len(self.chosen) < len(self.shapes)),
+            "xla_compiles": int(sum(b["xla_compiles"] for b in self.buckets)),
+            "backend_compile_s": float(sum(b["backend_compile_s"] for b in self.buckets)),
+            "buckets": self.buckets}
+
+
+def measure_round_robin(runs, log=print) -> list:
+  """Measure every :class:`StrategyRun`'s sampled shapes round-robin (one shape of each in turn),
+  so that a change in machine load during the benchmark hits all strategies alike."""
+  while any(r.pending for r in runs):
+    for r in runs:
+      if r.pending:
+        r.measure_next(log)
+  return [r.result() for r in runs]
+
+
+def drift_check(run: StrategyRun) -> dict:
+  """Re-time ``run``'s first measured shape at the end (already compiled: no compile expected);
+  ``ratio`` = step seconds now / then, a measure of how much the machine's load drifted."""
+  first = run.buckets[0]
+  rows = run.eb.rows[first["batch_index"]]
+  m = run.bench.measure(run.step_fn, rows, tuple(first["shape"][1:]))
+  return {"strategy": run.strat.name, "shape": first["shape"], "step_s_before": first["step_s"],
+          "step_s_after": m["step_s"], "ratio": m["step_s"] / first["step_s"],
+          "xla_compiles": m["xla_compiles"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,12 +472,13 @@ def predict_step(fit: dict, pixels) -> np.ndarray:
   return np.maximum(fit["a_s"] + fit["b_s_per_px"] * p, 0.1 * abs(fit["b_s_per_px"]) * p)
 
 
-def project(bench_pixels, result: dict, strat: Strategy, fit: dict, epochs: int) -> dict:
-  """Projected times: one epoch and ``epochs`` epochs, compiles counted once per distinct shape
-  (a shape's measured compile and step seconds where measured, else the strategy's mean compile
-  seconds and the fitted step time)."""
+def project(bench_pixels, result: dict, strat: Strategy, fit: dict, epochs: int,
+            compile_s: float) -> dict:
+  """Projected times for one epoch and for ``epochs`` epochs: ``compile_s`` (the median measured
+  compile seconds over all strategies: compile time does not depend on the shape, and the median
+  damps load noise) once per distinct shape, plus every batch's step seconds (measured median
+  where the shape was measured, else the fitted ``fit``)."""
   measured = {tuple(b["shape"]): b for b in result["buckets"]}
-  mean_compile = float(np.mean([b["compile_s"] for b in result["buckets"]]))
 
   def step_times(eb):
     pix = np.array([bench_pixels(s) for s in eb.shapes], np.float64)
@@ -450,7 +489,7 @@ def project(bench_pixels, result: dict, strat: Strategy, fit: dict, epochs: int)
     return t
 
   def compile_total(shapes):
-    return sum(measured[s]["compile_s"] if s in measured else mean_compile for s in shapes)
+    return compile_s * len(shapes)
 
   eb0 = strat.plan(0)
   shapes0 = set(map(tuple, eb0.shapes.tolist()))
@@ -539,9 +578,9 @@ def markdown(report: dict) -> str:
   bestn = max(s["projection"]["run_real_pixels_per_s"] for s in report["strategies"])
   e = c["epochs"]
   lines += ["| strategy | distinct shapes | measured | XLA compiles (counted) | compile s (measured) "
-            f"| steps/epoch | padding % | epoch s (projected) | real Mpx/s | x best | {e}-epoch s | "
-            f"{e}-epoch x best |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            f"| steps/epoch | padding % | epoch s (projected) | real Mpx/s | x best | shapes in {e} "
+            f"epochs | {e}-epoch s | {e}-epoch x best |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for s in report["strategies"]:
     p = s["projection"]
     measured_compile = sum(b["compile_s"] for b in s["buckets"])
@@ -550,13 +589,23 @@ def markdown(report: dict) -> str:
         f"{' (sample)' if s['sampled'] else ''} | {s['xla_compiles']} | {_f(measured_compile, 1)} "
         f"| {p['steps_per_epoch']} | {100 * p['padding_fraction']:.1f} | {_f(p['epoch_s'], 0)} | "
         f"{p['real_pixels_per_s'] / 1e6:.3f} | {best1 / p['real_pixels_per_s']:.2f} | "
-        f"{_f(p['run_s'], 0)} | {bestn / p['run_real_pixels_per_s']:.2f} |")
+        f"{p['run_distinct_shapes']} | {_f(p['run_s'], 0)} | "
+        f"{bestn / p['run_real_pixels_per_s']:.2f} |")
   crop = next((s["info"] for s in report["strategies"] if s["name"] == "crop"), None)
   lines += [""]
   if crop:
     lines.append(f"crop {crop['crop_hw'][0]}x{crop['crop_hw'][1]}: drops {crop['images_dropped']} "
                  f"images ({100 * crop['images_dropped_fraction']:.1f} %) and never sees "
                  f"{100 * crop['pixels_dropped_fraction']:.1f} % of the pixels per epoch.")
+  lines.append(f"Projections charge {report['compile_s_projected']:.2f} s (the median of all "
+               "measured compiles) per distinct shape, and each batch's measured (or fitted) "
+               "median step time.")
+  d = report.get("drift")
+  if d:
+    lines.append(f"Load drift: {d['strategy']} {'x'.join(map(str, d['shape']))} re-timed at the end "
+                 f"took {d['step_s_after']:.3f} s vs {d['step_s_before']:.3f} s when first measured "
+                 f"(x{d['ratio']:.2f}; {d['xla_compiles']} recompiles). Shapes were measured "
+                 "round-robin across strategies (auto last).")
   sampled = [s["name"] for s in report["strategies"] if s["sampled"]]
   fit = report["fit"]
   lines.append(f"Step-time model (least squares over all {fit['points']} measured shapes): "
@@ -564,8 +613,7 @@ def markdown(report: dict) -> str:
                f"after the model's alignment), R^2 {fit['r2']:.3f}, max relative residual "
                f"{100 * fit['max_rel_residual']:.0f} %. " +
                (f"Strategies measured on a stratified random sample of shapes: "
-                f"{', '.join(sampled)}; their unmeasured shapes use the strategy's mean measured "
-                "compile time and a step-time fit: " + "; ".join(
+                f"{', '.join(sampled)}; their unmeasured shapes use a step-time fit: " + "; ".join(
                     f"{s['name']} {s['fit']['source']} (a {s['fit']['a_s']:.4f} s, b "
                     f"{s['fit']['b_s_per_px']:.3e} s/px, R^2 {s['fit']['r2']:.2f})"
                     for s in report["strategies"] if s["sampled"]) + "."
@@ -582,11 +630,15 @@ def markdown(report: dict) -> str:
   lines += ["", f"`auto` K for {a['epochs']} epochs with the measured costs (compile "
             f"{a['compile_s_per_bucket']:.2f} s per bucket = median measured bucket compile; "
             f"{a['s_per_pixel']:.3e} s per padded pixel = the fit's slope): **K = {a['auto_k']}** "
-            f"(padding {100 * a['auto_padded_fraction']:.1f} %), minimising compile + pixel cost:",
+            f"(padding {100 * a['auto_padded_fraction']:.1f} %), minimising compile + pixel cost "
+            "(selected K shown; all in the JSON):",
             "", "| K | buckets | padding % | compile cost s | pixel cost s | total s |",
             "|---:|---:|---:|---:|---:|---:|"]
   best_total = min(r["total_s"] for r in a["table"])
+  show = {1, 2, 4, 8, 16, a["auto_k"] - 1, a["auto_k"], a["auto_k"] + 1, a["table"][-1]["k"]}
   for r in a["table"]:
+    if r["k"] not in show and r["total_s"] != best_total:
+      continue
     star = " **min**" if r["total_s"] == best_total else ""
     lines.append(f"| {r['k']} | {r['buckets']} | {100 * r['padded_fraction']:.2f} | "
                  f"{_f(r['compile_cost_s'], 1)} | {_f(r['pixel_cost_s'], 1)} | "
@@ -706,7 +758,8 @@ def main(argv=None) -> int:
   strategies = make_strategies(sizes, **batching, crop=crop, ks=fixed_ks,
                                granularity=a.granularity, seed=a.seed)
   t0 = time.perf_counter()
-  results = [measure_strategy(bench, s, a.sample_shapes, a.seed, log) for s in strategies]
+  runs = [StrategyRun(bench, s, a.sample_shapes, a.seed) for s in strategies]
+  results = measure_round_robin(runs, log)
   fit = pooled_fit(results)
   bucket_results = [r for r in results if r["name"].startswith("buckets-")] or results
   bucket_fit = pooled_fit(bucket_results)
@@ -721,11 +774,13 @@ def main(argv=None) -> int:
                         epochs=a.epochs, compile_s_per_bucket=auto["compile_s_per_bucket"],
                         s_per_pixel=auto["s_per_pixel"])
     strategies.append(s)
-    results.append(measure_strategy(bench, s, a.sample_shapes, a.seed, log))
+    results += measure_round_robin([StrategyRun(bench, s, a.sample_shapes, a.seed)], log)
+  drift = drift_check(next((r for r in runs if r.strat.name == "global-max"), runs[0]))
   fit = pooled_fit(results)
+  compile_s = float(np.median([b["compile_s"] for r in results for b in r["buckets"]]))
   for r, s in zip(results, strategies):
     r["fit"] = own_fit(r) or dict(fit, source="pooled")
-    r["projection"] = project(bench.model_pixels, r, s, r["fit"], a.epochs)
+    r["projection"] = project(bench.model_pixels, r, s, r["fit"], a.epochs, compile_s)
   machine["loadavg_end"] = list(os.getloadavg())
   report = {
       "config": {"command": "python -m benchmarks.buckets " + " ".join(
@@ -739,7 +794,8 @@ def main(argv=None) -> int:
                  "epochs": a.epochs, "steps": a.steps, "sample_shapes": a.sample_shapes,
                  "seed": a.seed, "quick": a.quick, "optimizer": "sgd momentum 0.9, poly",
                  "measure_wall_s": time.perf_counter() - t0},
-      "machine": machine, "fit": fit, "bucket_fit": bucket_fit, "auto": auto, "strategies": results}
+      "machine": machine, "fit": fit, "bucket_fit": bucket_fit, "compile_s_projected": compile_s,
+      "auto": auto, "drift": drift, "strategies": results}
   out.write_text(json.dumps(report, indent=1))
   png = out.with_suffix(".png")
   plot(report, png)
