@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fcnjax.models import geometry
+from fcnjax.models import cpu_ops, geometry
 
 
 def max_pool_2x2(x: jax.Array, rounding: str = "ceil") -> jax.Array:
@@ -27,9 +27,22 @@ def max_pool_2x2(x: jax.Array, rounding: str = "ceil") -> jax.Array:
   ``rounding="ceil"`` is Caffe's pooling: an odd H (or W) gives ``(H + 1) // 2`` rows, the last
   window seeing one real row (implemented by padding −inf at the bottom/right).
   ``rounding="floor"`` is Flax/PyTorch's default (``H // 2``; the last odd row is dropped).
+
+  On the CPU (:func:`fcnjax.models.cpu_ops.enabled`) this is a reshape + max with a mask
+  backward; elsewhere ``lax.reduce_window``. Both give the same values and gradients; in a tied
+  window the gradient goes to the first maximal element in row-major order.
   """
   if rounding not in ("ceil", "floor"):
     raise ValueError(f"rounding must be 'ceil' or 'floor', got {rounding!r}")
+  if cpu_ops.enabled() and jnp.issubdtype(x.dtype, jnp.floating):
+    # Same numbers and the same gradient (ties included), without XLA:CPU's slow
+    # select-and-scatter backward; see fcnjax.models.cpu_ops.
+    return cpu_ops.max_pool_2x2(x, rounding)
+  return max_pool_2x2_reduce_window(x, rounding)
+
+
+def max_pool_2x2_reduce_window(x: jax.Array, rounding: str = "ceil") -> jax.Array:
+  """:func:`max_pool_2x2` as a plain ``lax.reduce_window`` (the path used off the CPU)."""
   h, w = x.shape[1], x.shape[2]
   pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0)) if rounding == "ceil" else "VALID"
   return jax.lax.reduce_window(x, np.array(-np.inf, x.dtype), jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), pad)
