@@ -472,20 +472,31 @@ def predict_step(fit: dict, pixels) -> np.ndarray:
   return np.maximum(fit["a_s"] + fit["b_s_per_px"] * p, 0.1 * abs(fit["b_s_per_px"]) * p)
 
 
+def shape_step_times(results, extra=()) -> dict:
+  """(B, H, W) -> median step seconds over every measurement of that exact batch shape (the same
+  XLA program whichever strategy measured it; pooling damps load noise). ``extra``: more
+  (shape, step_s) pairs, e.g. the drift re-time."""
+  times = {}
+  for b in [b for r in results for b in r["buckets"]]:
+    times.setdefault(tuple(b["shape"]), []).append(b["step_s"])
+  for shape, t in extra:
+    times.setdefault(tuple(shape), []).append(t)
+  return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def project(bench_pixels, result: dict, strat: Strategy, fit: dict, epochs: int,
-            compile_s: float) -> dict:
+            compile_s: float, measured: dict) -> dict:
   """Projected times for one epoch and for ``epochs`` epochs: ``compile_s`` (the median measured
   compile seconds over all strategies: compile time does not depend on the shape, and the median
-  damps load noise) once per distinct shape, plus every batch's step seconds (measured median
-  where the shape was measured, else the fitted ``fit``)."""
-  measured = {tuple(b["shape"]): b for b in result["buckets"]}
+  damps load noise) once per distinct shape, plus every batch's step seconds: ``measured[shape]``
+  (see :func:`shape_step_times`) where that shape was measured, else the fitted ``fit``."""
 
   def step_times(eb):
     pix = np.array([bench_pixels(s) for s in eb.shapes], np.float64)
     t = predict_step(fit, pix)
     for i, s in enumerate(map(tuple, eb.shapes.tolist())):
       if s in measured:
-        t[i] = measured[s]["step_s"]
+        t[i] = measured[s]
     return t
 
   def compile_total(shapes):
@@ -598,8 +609,9 @@ def markdown(report: dict) -> str:
                  f"images ({100 * crop['images_dropped_fraction']:.1f} %) and never sees "
                  f"{100 * crop['pixels_dropped_fraction']:.1f} % of the pixels per epoch.")
   lines.append(f"Projections charge {report['compile_s_projected']:.2f} s (the median of all "
-               "measured compiles) per distinct shape, and each batch's measured (or fitted) "
-               "median step time.")
+               "measured compiles) per distinct shape, and per batch the median step time of its "
+               "exact batch shape over every measurement of that shape (any strategy, and the "
+               "drift re-time), or the fit for unmeasured shapes.")
   d = report.get("drift")
   if d:
     lines.append(f"Load drift: {d['strategy']} {'x'.join(map(str, d['shape']))} re-timed at the end "
@@ -778,9 +790,11 @@ def main(argv=None) -> int:
   drift = drift_check(next((r for r in runs if r.strat.name == "global-max"), runs[0]))
   fit = pooled_fit(results)
   compile_s = float(np.median([b["compile_s"] for r in results for b in r["buckets"]]))
+  step_table = shape_step_times(results, [(drift["shape"], drift["step_s_after"])])
   for r, s in zip(results, strategies):
     r["fit"] = own_fit(r) or dict(fit, source="pooled")
-    r["projection"] = project(bench.model_pixels, r, s, r["fit"], a.epochs, compile_s)
+    r["projection"] = project(bench.model_pixels, r, s, r["fit"], a.epochs, compile_s,
+                              step_table)
   machine["loadavg_end"] = list(os.getloadavg())
   report = {
       "config": {"command": "python -m benchmarks.buckets " + " ".join(
