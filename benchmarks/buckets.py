@@ -561,7 +561,14 @@ def machine_info() -> dict:
   except (OSError, subprocess.SubprocessError):
     pass
   devs = jax.devices()
+  try:
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    commit = ""
   return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu,
+          "git_commit": commit,
           "cpu_count": os.cpu_count(), "loadavg_start": list(os.getloadavg()),
           "platform": devs[0].platform, "device_kind": devs[0].device_kind,
           "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
@@ -583,7 +590,8 @@ def markdown(report: dict) -> str:
            "",
            f"{m['cpu']} ({m['cpu_count']} cores, {m['platform']}), load {m['loadavg_start'][0]:.2f}"
            f" at start / {m['loadavg_end'][0]:.2f} at end; jax {m['jax']}, flax {m['flax']}; "
-           f"{m['date']}; {c['steps']} timed steps per shape after 1 warm-up; "
+           f"{m['date']}; commit {m.get('git_commit') or '?'}; {c['steps']} timed steps per shape "
+           "after 1 warm-up; "
            f"`{c['command']}`", ""]
   best1 = max(s["projection"]["real_pixels_per_s"] for s in report["strategies"])
   bestn = max(s["projection"]["run_real_pixels_per_s"] for s in report["strategies"])
