@@ -71,3 +71,54 @@ def test_outputs_markdown_and_png(quick_run):
   png = out.with_suffix(".png")
   assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
   assert report["machine"]["jax"] and report["config"]["quick"]
+
+
+# -- the batch plans (pure numpy, no compiles) --------------------------------------------------
+def _sizes():
+  from benchmarks import buckets as bb
+  return bb.scale_sizes(bb.load_sizes(), 0.1)
+
+
+def test_plans_cover_every_image_once_and_pad_as_described():
+  import numpy as np
+  from benchmarks import buckets as bb
+  sizes = _sizes()
+  n = len(sizes)
+  ex = bb.plan_exact(sizes)
+  assert len(ex.shapes) == n and (ex.shapes[:, 0] == 1).all() and ex.pixels.sum() == (
+      sizes[:, 0] * sizes[:, 1]).sum() == ex.padded_pixels.sum()
+  rp = bb.plan_random_pad(sizes, 8, seed=1, epoch=0)
+  assert rp.images.sum() == n and len(rp.shapes) == -(-n // 8)
+  for shape, rows in zip(rp.shapes, rp.rows):  # each batch padded to its own max
+    assert tuple(shape[1:]) == tuple(rows.max(axis=0))
+  gm = bb.plan_global_max(sizes, 8)
+  assert len(np.unique(gm.shapes, axis=0)) == 1 and gm.images.sum() == n
+  crop = (32, 48)
+  cp = bb.plan_crop(sizes, crop, 8)
+  kept = int(bb.crop_fits(sizes, crop).sum())
+  assert cp.images.sum() == kept and cp.pixels.sum() == kept * 32 * 48
+  loss = bb.crop_loss(sizes, crop)
+  assert loss["images_dropped"] == n - kept and 0 < loss["pixels_dropped_fraction"] < 1
+  s = bb.bucket_strategy(sizes, 4, lambda sh: np.full(len(sh), 8))
+  bk = s.plan(0)
+  assert bk.images.sum() == n and len(np.unique(bk.shapes, axis=0)) <= 4
+  assert rp.shapes.tolist() != bb.plan_random_pad(sizes, 8, seed=1, epoch=1).shapes.tolist()
+
+
+def test_sample_shapes_is_stratified_and_fit_recovers_a_line():
+  import numpy as np
+  from benchmarks import buckets as bb
+  pix = np.arange(100) * 10
+  idx = bb.sample_shapes(np.zeros((100, 3)), pix, 5, np.random.default_rng(0))
+  assert len(idx) == 5 and [i // 20 for i in idx] == [0, 1, 2, 3, 4]
+  assert list(bb.sample_shapes(np.zeros((3, 3)), pix[:3], 5, np.random.default_rng(0))) == [0, 1, 2]
+  fit = bb.fit_step_time([1e4, 2e4, 4e4], [0.2, 0.3, 0.5])
+  assert abs(fit["a_s"] - 0.1) < 1e-9 and abs(fit["b_s_per_px"] - 1e-5) < 1e-12 and fit["r2"] > 0.999
+
+
+def test_sizes_from_a_dataset_root(tmp_path):
+  from benchmarks import buckets as bb
+  from fcnjax.data import synthetic
+  root = synthetic.write_synthetic_voc(tmp_path, num_train=5, num_val=3, scale=0.1, seed=0)
+  sizes = bb.load_sizes(root=root, splits=("train", "val"))
+  assert sizes.shape == (8, 2) and (sizes > 0).all()
