@@ -98,7 +98,13 @@ class FCN(nnx.Module):
     if m > 1:  # aligned variant: pad bottom/right to a multiple of the total stride
       x = jnp.pad(x, ((0, 0), (0, -h % m), (0, -w % m), (0, 0)))
     feats = self.backbone(x)
-    scores = self.score_fr(feats[self.backbone.final_stage])
+    final = feats[self.backbone.final_stage]
+    if final.shape[1] < 1 or final.shape[2] < 1:
+      raise ValueError(
+          f"input {h}x{w} is too small for this backbone: its {self.backbone.final_stage} map "
+          f"is empty ({final.shape[1]}x{final.shape[2]}); floor pooling shrinks maps where the "
+          "reference's ceil pooling does not")
+    scores = self.score_fr(final)
     for name, up, head, offset in zip(self.skips, self.upscore_skips, self.score_skips,
                                       self.skip_offsets):
       scores = fuse(up(scores), head(feats[name]), offset)
