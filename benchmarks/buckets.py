@@ -751,7 +751,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
   a = parse_args(argv)
-  if a.devices > 1 and "jax" not in sys.modules:  # CPU: simulate devices (no-op on accelerators)
+  if a.devices > 1:  # CPU: simulate N host devices (read when the backend starts; GPUs ignore it)
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
       os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={a.devices}"
