@@ -109,8 +109,11 @@ def build_optimizer(cfg: RunConfig, total_steps: int):
 
 
 def build_loaders(cfg: RunConfig, train_source, val_source, num_devices: int):
+  # The aligned variant pads its input to a multiple of 32 anyway: buckets off that grid would
+  # only add compiles, so plan them on it.
+  granularity = max(cfg.granularity, 32 if cfg.aligned else 1)
   dist = dict(num_devices=num_devices, process_index=jax.process_index(),
-              process_count=jax.process_count(), granularity=cfg.granularity)
+              process_count=jax.process_count(), granularity=granularity)
   aug = augment_lib.Augment(flip=cfg.flip, scale_range=cfg.scale_range,
                             color_jitter=cfg.color_jitter)
   batching = dict(batch_size=cfg.batch_size, pixels_per_batch=cfg.pixels_per_batch)
