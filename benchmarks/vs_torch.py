@@ -8,7 +8,8 @@ Both sides: float32, same shapes and batch, same architecture (``benchmarks/torc
 plain PyTorch FCN-8s loaded with the same weights; the forward outputs are compared), mean
 cross-entropy ignoring 255, SGD with momentum 0.9. fcnjax's train step is the project's real one
 (``fcnjax.train.step.make_train_step``); PyTorch's is forward + backward + ``optimizer.step()``,
-in NCHW and in channels_last. Forward = eval mode (no dropout), no gradients. Times exclude model
+in NCHW and in channels_last. Score layers are zero-initialised as in the reference
+(``--score-init random`` for random ones). Forward = eval mode (no dropout), no gradients. Times exclude model
 init and compilation (1 warm-up call, then ``--reps`` timed calls; the median is reported).
 
 XLA flags: by default this script sets ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
@@ -60,7 +61,8 @@ def _cpu_model():
   return platform.processor()
 
 
-def bench_shape(name, width_multiplier, batch, height, width, reps, num_classes=21, lr=1e-4):
+def bench_shape(name, width_multiplier, batch, height, width, reps, num_classes=21, lr=1e-4,
+                score_init="zero"):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -78,12 +80,12 @@ def bench_shape(name, width_multiplier, batch, height, width, reps, num_classes=
   label = rng.integers(0, num_classes, size=(batch, height, width)).astype(np.uint8)
   label[:, :height // 10] = 255  # some ignored pixels
   res = {"shape": name, "width_multiplier": width_multiplier, "batch": batch, "height": height,
-         "width": width, "loadavg_start": os.getloadavg()}
+         "width": width, "score_init": score_init, "loadavg_start": os.getloadavg()}
 
-  # --- fcnjax (non-zero score init so the outputs can be compared with PyTorch's) ---
+  # --- fcnjax; PyTorch gets the same weights ---
   t0 = time.perf_counter()
-  jmodel = models.fcn8s(num_classes, width_multiplier=width_multiplier, zero_init_scores=False,
-                        rngs=nnx.Rngs(0))
+  jmodel = models.fcn8s(num_classes, width_multiplier=width_multiplier,
+                        zero_init_scores=score_init == "zero", rngs=nnx.Rngs(0))
   res["jax_init_s"] = time.perf_counter() - t0
   tmodel = TorchFCN8s(num_classes, width_multiplier)
   load_from_fcnjax(tmodel, jmodel)
@@ -172,6 +174,14 @@ def main(argv=None):
                  help=f"comma-separated subset of {sorted(SHAPES)} (default all)")
   p.add_argument("--xla-flags", default=DEFAULT_XLA_FLAGS,
                  help="appended to XLA_FLAGS before JAX starts ('' for none); default %(default)s")
+  p.add_argument("--threads", type=int, default=None,
+                 help="threads for both (default: all cores). 1 = single-threaded JAX "
+                 "(--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1) and torch; "
+                 "a fairer comparison on a machine shared with other jobs")
+  p.add_argument("--score-init", choices=("zero", "random"), default="zero",
+                 help="score layers zero-initialised (the reference, default) or random (then the "
+                 "forward outputs of both frameworks are non-trivially compared). Note: XLA:CPU's "
+                 "train step is much slower with random scores (÷8: 1.25 -> 3.1 s, 1 thread)")
   p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/"
                  "vs_torch-<date>.json; --quick: not written unless given)")
   args = p.parse_args(argv)
@@ -181,13 +191,17 @@ def main(argv=None):
     from jax._src import xla_bridge
     if xla_bridge.backends_are_initialized():
       print("warning: JAX already started; --xla-flags not applied", file=sys.stderr)
-  if args.xla_flags:
+  if args.threads == 1:
+    args.xla_flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+  elif args.threads is not None and args.threads != os.cpu_count():
+    p.error("--threads: only 1 or the number of cores is supported")
+  if args.xla_flags.strip():
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
 
   import jax
   import torch
   cores = os.cpu_count()
-  torch.set_num_threads(cores)
+  torch.set_num_threads(args.threads or cores)
 
   shapes = QUICK_SHAPES if args.quick else SHAPES
   if args.shapes and not args.quick:
@@ -197,7 +211,7 @@ def main(argv=None):
   results = []
   for name, (wm, b, h, w) in shapes.items():
     print(f"[vs_torch] {name}: width ×{wm:g}, batch {b}, {w}×{h} ...", file=sys.stderr, flush=True)
-    results.append(bench_shape(name, wm, b, h, w, reps))
+    results.append(bench_shape(name, wm, b, h, w, reps, score_init=args.score_init))
   import flax
 
   from fcnjax.models import cpu_ops
@@ -207,11 +221,12 @@ def main(argv=None):
           "jax_backend": jax.default_backend(), "jax": jax.__version__, "flax": flax.__version__,
           "torch": torch.__version__, "python": platform.python_version(),
           "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "reps": reps, "quick": args.quick,
+          "score_init": args.score_init,
           "loadavg_before": load, "loadavg_after": os.getloadavg(),
           "command": " ".join(["python", "-m", "benchmarks.vs_torch", *(argv or sys.argv[1:])])}
   table = markdown(results)
   print(f"\nCPU: {meta['cpu']} ({cores} cores), jax {meta['jax']}, torch {meta['torch']}, "
-        f"XLA_FLAGS={meta['XLA_FLAGS']!r}, fcnjax cpu_ops {meta['fcnjax_cpu_ops']}, "
+        f"torch threads {meta['torch_threads']}, XLA_FLAGS={meta['XLA_FLAGS']!r}, fcnjax cpu_ops {meta['fcnjax_cpu_ops']}, "
         f"load {load[0]:.2f} -> {meta['loadavg_after'][0]:.2f}, "
         f"median of {reps}\n")
   print(table)
