@@ -165,7 +165,7 @@ class Run:
         self.graphdef, tx, reduction=cfg.loss_reduction,
         state_sharding=jax.tree.map(lambda x: x.sharding, self.state),
         batch_sharding=parallel.batch_sharding(self.mesh))
-    self.eval_step = step_lib.make_eval_step(self.graphdef, cfg.num_classes)
+    self.eval_step = step_lib.make_eval_step(self.graphdef)
     self.predict = step_lib.make_predict(self.graphdef)
     self.ckpt = Checkpointer(self.workdir, keep=cfg.keep_checkpoints)
     self.log = report.MetricsLog(self.workdir, enabled=self.primary)
@@ -195,7 +195,7 @@ class Run:
     hist = parallel.replicate(jnp.zeros((self.cfg.num_classes,) * 2, jnp.int32), self.mesh)
     for batch in self.val_loader:
       gb = parallel.global_batch(batch, self.mesh)
-      hist, _ = self.eval_step(self.state.params, self.state.rest, hist, gb)
+      hist = self.eval_step(self.state.params, self.state.rest, hist, gb)
     metrics = segmentation_metrics(np.asarray(jax.device_get(hist)), self.class_names)
     seconds = time.perf_counter() - start
     self.print(f"eval step {step}: {format_metrics(metrics)} ({len(self.val_source)} images, "
@@ -290,5 +290,5 @@ def train(cfg: RunConfig, train_source, val_source, workdir, *, resume: bool = F
     it.close()
   if run.primary:
     (run.workdir / "final_metrics.json").write_text(json.dumps(
-        report._jsonable({"step": step, **metrics}), indent=1))
+        report.jsonable({"step": step, **metrics}), indent=1))
   return metrics

@@ -76,14 +76,15 @@ class MetricsLog:
     (self.eval if record.get("kind") == "eval" else self.train).append(record)
     if self.enabled:
       with self.path.open("a") as f:
-        f.write(json.dumps(_jsonable(record)) + "\n")
+        f.write(json.dumps(jsonable(record)) + "\n")
 
 
-def _jsonable(x):
+def jsonable(x):
+  """``x`` with numpy scalars as Python numbers and non-finite floats as None (valid JSON)."""
   if isinstance(x, dict):
-    return {k: _jsonable(v) for k, v in x.items()}
+    return {k: jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   if isinstance(x, (np.floating, float)):
     return None if not math.isfinite(float(x)) else float(x)
   if isinstance(x, np.integer):

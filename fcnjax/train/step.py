@@ -82,8 +82,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, reduction: st
   return jax.jit(train_step, donate_argnums=(0,), **kwargs)
 
 
-def make_eval_step(graphdef, num_classes: int):
-  """A jitted ``eval_step(params, rest, hist, batch) -> (hist, logits)``.
+def make_eval_step(graphdef):
+  """A jitted ``eval_step(params, rest, hist, batch) -> hist``.
 
   ``hist`` (C, C) int32 confusion matrix (rows = truth), accumulated over pixels whose label is
   not 255 and whose mask is True (padding and dummy examples never count).
@@ -93,7 +93,7 @@ def make_eval_step(graphdef, num_classes: int):
     model = nnx.merge(graphdef, params, rest, copy=True)
     model.eval()
     logits = model(batch["image"])
-    return update_confusion(hist, logits, batch["label"], batch["mask"]), logits
+    return update_confusion(hist, logits, batch["label"], batch["mask"])
 
   return jax.jit(eval_step, donate_argnums=(2,))
 
