@@ -38,3 +38,11 @@ def test_no_voc_on_disk_writes_and_reads_the_builtin_dataset(tmp_path, monkeypat
   # Written once: a second call reuses the cache.
   again, _, _ = voc_fcn8s.make_sources(args)
   assert again.image_paths == train.image_paths
+
+
+def test_bad_paths_give_one_clear_error_line(tmp_path, capsys):
+  rc = voc_fcn8s.main(["--voc-root", str(tmp_path / "nope"), "--workdir", str(tmp_path / "w"),
+                       "--compile-cache", ""])
+  err = capsys.readouterr().err
+  assert rc == 1 and err.startswith("error: ") and str(tmp_path / "nope") in err
+  assert "Traceback" not in err

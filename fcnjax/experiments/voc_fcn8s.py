@@ -161,16 +161,20 @@ def main(argv=None) -> int:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compile_cache))
   from fcnjax.train import parallel
   parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-  from fcnjax.train.loop import TrainingDiverged, train
+  from fcnjax.data.validation import DataError
   from fcnjax.train.checkpoint import CheckpointMismatch
+  from fcnjax.train.loop import TrainingDiverged, train
+  from fcnjax.weights import WeightsError
   preset, cfg = make_config(args)
-  train_src, val_src, desc = make_sources(args)
-  workdir = pathlib.Path(args.workdir or f"runs/{preset}-{cfg.model}")
-  print(f"preset {preset}, data {desc}, workdir {workdir}", flush=True)
   try:
+    train_src, val_src, desc = make_sources(args)
+    workdir = pathlib.Path(args.workdir or f"runs/{preset}-{cfg.model}")
+    print(f"preset {preset}, data {desc}, workdir {workdir}", flush=True)
     metrics = train(cfg, train_src, val_src, workdir, resume=args.resume,
                     eval_only=args.eval_only)
-  except (TrainingDiverged, CheckpointMismatch, FileExistsError) as e:
+  except (DataError, WeightsError, FileNotFoundError, FileExistsError, TrainingDiverged,
+          CheckpointMismatch) as e:
+    # Bad input or a stopped run: the message names the file / problem; no traceback needed.
     print(f"error: {e}", file=sys.stderr)
     return 1
   if metrics:
