@@ -1,8 +1,19 @@
-"""fcnjax vs PyTorch on CPU: FCN-8s (VGG16, exact variant) forward and SGD train step.
+"""fcnjax vs PyTorch, same machine: FCN-8s (VGG16, exact variant) forward and SGD train step.
 
-    python -m benchmarks.vs_torch                 # full width 500×375 batch 1, ÷8 width 192×160 batch 8
+    python -m benchmarks.vs_torch                 # CPU fp32: full width 500×375 b1, ÷8 width 192×160 b8
     python -m benchmarks.vs_torch --quick         # tiny model, 1 rep (a smoke test, < 30 s)
     python -m benchmarks.vs_torch --xla-flags ""  # without the XLA:CPU flag below
+    python -m benchmarks.vs_torch --device gpu    # GPU bf16: VOC bucket shapes at batch 8 and 16
+
+GPU mode (``--device gpu``, default ``--precision bf16``): fcnjax computes in bfloat16 with float32
+parameters (``dtype=jnp.bfloat16``, what ``--precision bf16`` trains with); PyTorch runs under
+``torch.autocast("cuda", torch.bfloat16)``, NCHW and channels_last. Shapes are the K = 4 size
+buckets of the real VOC 2012 train sizes (``fcnjax.data.buckets.plan_buckets``), batch 8 and 16.
+Each step is also reported as achieved TFLOP/s: FLOPs counted by XLA's cost analysis of the
+(unoptimised) fcnjax program -- the same network, so the same count is used for PyTorch -- over
+the median step time, and as a fraction of the card's dense bf16 peak (``--peak-tflops``, or
+looked up from the device name). JAX's GPU memory preallocation is turned off and capped at 45 %
+so that PyTorch can run in the same process afterwards.
 
 Both sides: float32, same shapes and batch, same architecture (``benchmarks/torch_fcn.py`` is a
 plain PyTorch FCN-8s loaded with the same weights; the forward outputs are compared), mean
@@ -38,16 +49,41 @@ DEFAULT_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolut
 # name: (width_multiplier, batch, height, width)
 SHAPES = {"full-500x375-b1": (1.0, 1, 375, 500), "div8-192x160-b8": (1 / 8, 8, 160, 192)}
 QUICK_SHAPES = {"quick-div16-64x48-b2": (1 / 16, 2, 48, 64)}
+# K = 4 buckets of the VOC 2012 train sizes (H x W; plan_buckets(sizes, 4) -> 416 / 212 / 697 /
+# 137 images), at batch 8, and the two largest-count shapes at batch 16.
+GPU_SHAPES = {"voc-335x500-b8": (1.0, 8, 335, 500), "voc-500x375-b8": (1.0, 8, 500, 375),
+              "voc-377x500-b8": (1.0, 8, 377, 500), "voc-500x500-b8": (1.0, 8, 500, 500),
+              "voc-377x500-b16": (1.0, 16, 377, 500), "voc-500x500-b16": (1.0, 16, 500, 500)}
+# Dense bf16 tensor-core peak, TFLOP/s, by device-name fragment (vendor data sheets, no sparsity).
+BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H100 PCIe": 756.0,
+                    "H100 NVL": 835.0, "H200": 989.4, "A100": 312.0, "L4": 121.0}
 
 
-def _timeit(fn, reps):
-  fn()  # warm-up (compiles on the JAX side)
+def _timeit(fn, reps, warmup=1):
+  for _ in range(warmup):
+    fn()  # warm-up (compiles on the JAX side; cuDNN autotuning on the PyTorch side)
   times = []
   for _ in range(reps):
     t = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t)
-  return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+          "times_s": times}
+
+
+def _flops(jitted, *args):
+  """FLOPs of one call, from XLA's cost analysis of the lowered (unoptimised) program."""
+  cost = jitted.lower(*args).cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def bf16_peak_tflops(device_kind):
+  for frag, peak in BF16_PEAK_TFLOPS.items():
+    if frag in device_kind:
+      return peak
+  return None
 
 
 def _cpu_model():
@@ -62,7 +98,9 @@ def _cpu_model():
 
 
 def bench_shape(name, width_multiplier, batch, height, width, reps, num_classes=21, lr=1e-4,
-                score_init="zero"):
+                score_init="zero", device="cpu", precision="fp32", warmup=1):
+  import contextlib
+
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -80,12 +118,25 @@ def bench_shape(name, width_multiplier, batch, height, width, reps, num_classes=
   label = rng.integers(0, num_classes, size=(batch, height, width)).astype(np.uint8)
   label[:, :height // 10] = 255  # some ignored pixels
   res = {"shape": name, "width_multiplier": width_multiplier, "batch": batch, "height": height,
-         "width": width, "score_init": score_init, "loadavg_start": os.getloadavg()}
+         "width": width, "score_init": score_init, "precision": precision, "device": device,
+         "loadavg_start": os.getloadavg()}
+  bf16 = precision == "bf16"
+  tdev = torch.device("cuda" if device == "gpu" else "cpu")
+
+  def sync():
+    if device == "gpu":
+      torch.cuda.synchronize()
+
+  def autocast():
+    if not bf16:
+      return contextlib.nullcontext()
+    return torch.autocast(tdev.type, dtype=torch.bfloat16)
 
   # --- fcnjax; PyTorch gets the same weights ---
   t0 = time.perf_counter()
   jmodel = models.fcn8s(num_classes, width_multiplier=width_multiplier,
-                        zero_init_scores=score_init == "zero", rngs=nnx.Rngs(0))
+                        zero_init_scores=score_init == "zero",
+                        dtype=jnp.bfloat16 if bf16 else None, rngs=nnx.Rngs(0))
   res["jax_init_s"] = time.perf_counter() - t0
   tmodel = TorchFCN8s(num_classes, width_multiplier)
   load_from_fcnjax(tmodel, jmodel)
@@ -99,7 +150,8 @@ def bench_shape(name, width_multiplier, batch, height, width, reps, num_classes=
   def jax_fwd():
     out_j["y"] = fwd(params, rest, x_j).block_until_ready()
 
-  res["jax_forward"] = _timeit(jax_fwd, reps)
+  res["flops_forward"] = _flops(fwd, params, rest, x_j)
+  res["jax_forward"] = _timeit(jax_fwd, reps, warmup)
   jmodel.train()
   tx = optax.sgd(lr, momentum=0.9)
   graphdef, state = step_lib.init_state(jmodel, tx)
@@ -112,14 +164,18 @@ def bench_shape(name, width_multiplier, batch, height, width, reps, num_classes=
     jax.block_until_ready((s, m))
     holder["state"] = s
 
-  res["jax_train"] = _timeit(jax_train, reps)
-  y_jax = np.asarray(out_j["y"])
+  res["flops_train"] = _flops(train_step, holder["state"], jbatch)
+  res["jax_train"] = _timeit(jax_train, reps, warmup)
+  y_jax = np.asarray(out_j["y"]).astype(np.float32)
   del holder, state, train_step, params, rest, fwd, jmodel, out_j
   jax.clear_caches()
 
   # --- PyTorch, NCHW and channels_last ---
-  x_t = torch.from_numpy(image.transpose(0, 3, 1, 2).copy())
-  y_t = torch.from_numpy(label.astype(np.int64))
+  x_t = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).to(tdev)
+  y_t = torch.from_numpy(label.astype(np.int64)).to(tdev)
+  tmodel = tmodel.to(tdev)
+  if device == "gpu":
+    torch.backends.cudnn.benchmark = True
   for fmt in ("nchw", "channels_last"):
     mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
     m = tmodel.to(memory_format=mf)
@@ -127,13 +183,14 @@ def bench_shape(name, width_multiplier, batch, height, width, reps, num_classes=
     m.eval()
 
     def torch_fwd():
-      with torch.no_grad():
+      with torch.no_grad(), autocast():
         out_j["y"] = m(x)
+      sync()
 
     out_j = {}
-    res[f"torch_{fmt}_forward"] = _timeit(torch_fwd, reps)
+    res[f"torch_{fmt}_forward"] = _timeit(torch_fwd, reps, warmup)
     if fmt == "nchw":
-      y_torch = out_j["y"].numpy().transpose(0, 2, 3, 1)
+      y_torch = out_j["y"].float().cpu().numpy().transpose(0, 2, 3, 1)
       res["forward_max_abs_diff"] = float(np.abs(y_torch - y_jax).max())
       res["forward_max_abs"] = float(np.abs(y_jax).max())
     m.train()
@@ -141,103 +198,161 @@ def bench_shape(name, width_multiplier, batch, height, width, reps, num_classes=
 
     def torch_train():
       opt.zero_grad(set_to_none=True)
-      loss = F.cross_entropy(m(x), y_t, ignore_index=255)
+      with autocast():
+        logits = m(x)
+      loss = F.cross_entropy(logits.float(), y_t, ignore_index=255)
       loss.backward()
       opt.step()
+      sync()
 
-    res[f"torch_{fmt}_train"] = _timeit(torch_train, reps)
+    res[f"torch_{fmt}_train"] = _timeit(torch_train, reps, warmup)
+    del opt, m
+  del tmodel, x_t, y_t, x
+  if device == "gpu":
+    torch.cuda.empty_cache()
   for kind in ("forward", "train"):
     j = res[f"jax_{kind}"]["median_s"]
     for fmt in ("nchw", "channels_last"):
       res[f"ratio_{kind}_{fmt}"] = j / res[f"torch_{fmt}_{kind}"]["median_s"]
+    if res[f"flops_{kind}"]:
+      for who in ("jax", "torch_nchw", "torch_channels_last"):
+        res[f"{who}_{kind}"]["tflops"] = res[f"flops_{kind}"] / res[f"{who}_{kind}"]["median_s"] / 1e12
   return res
 
 
-def markdown(results):
-  lines = ["| shape | step | fcnjax (s) | torch NCHW (s) | torch channels_last (s) | "
-           "fcnjax / torch NCHW | fcnjax / torch CL |", "|---|---|---|---|---|---|---|"]
+def markdown(results, peak_tflops=None):
+  """Times in seconds (3 decimals; ms on GPU); with FLOPs counted, achieved TFLOP/s and % of peak."""
+  gpu = any(r.get("device") == "gpu" for r in results)
+  unit, scale, digits = ("ms", 1e3, 1) if gpu else ("s", 1.0, 3)
+  head = (f"| shape | step | fcnjax ({unit}) | torch NCHW ({unit}) | torch channels_last ({unit}) | "
+          "fcnjax / torch NCHW | fcnjax / torch CL |")
+  sep = "|---|---|---:|---:|---:|---:|---:|"
+  if gpu:
+    head += " GFLOP/step | TFLOP/s fcnjax / NCHW / CL |"
+    sep += "---:|---|"
+    if peak_tflops:
+      head += " % of bf16 peak fcnjax / NCHW / CL |"
+      sep += "---|"
+  lines = [head, sep]
   for r in results:
     for kind, label in (("forward", "forward"), ("train", "train step")):
-      lines.append(
-          f"| {r['shape']} | {label} | {r[f'jax_{kind}']['median_s']:.3f} | "
-          f"{r[f'torch_nchw_{kind}']['median_s']:.3f} | "
-          f"{r[f'torch_channels_last_{kind}']['median_s']:.3f} | "
-          f"{r[f'ratio_{kind}_nchw']:.2f}× | {r[f'ratio_{kind}_channels_last']:.2f}× |")
+      who = [r[f"jax_{kind}"], r[f"torch_nchw_{kind}"], r[f"torch_channels_last_{kind}"]]
+      line = (f"| {r['shape']} | {label} | " + " | ".join(f"{w['median_s'] * scale:.{digits}f}" for w in who)
+              + f" | {r[f'ratio_{kind}_nchw']:.2f}× | {r[f'ratio_{kind}_channels_last']:.2f}× |")
+      if gpu:
+        fl = r.get(f"flops_{kind}")
+        line += (f" {fl / 1e9:,.0f} | " + " / ".join(f"{w['tflops']:.0f}" for w in who) + " |"
+                 if fl else " - | - |")
+        if peak_tflops:
+          line += (" " + " / ".join(f"{100 * w['tflops'] / peak_tflops:.1f}" for w in who) + " |"
+                   if fl else " - |")
+      lines.append(line)
   return "\n".join(lines)
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="tiny model and size, 1 rep (smoke test)")
-  p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3; quick 1)")
+  p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                 help="cpu (default; fp32, the shapes above) or gpu (bf16, VOC bucket shapes)")
+  p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                 help="compute precision (default fp32 on cpu, bf16 on gpu)")
+  p.add_argument("--reps", type=int, default=None,
+                 help="timed repetitions (default 3 on cpu, 10 on gpu; quick 1)")
   p.add_argument("--shapes", default=None,
-                 help=f"comma-separated subset of {sorted(SHAPES)} (default all)")
-  p.add_argument("--xla-flags", default=DEFAULT_XLA_FLAGS,
-                 help="appended to XLA_FLAGS before JAX starts ('' for none); default %(default)s")
+                 help=f"comma-separated subset of {sorted(SHAPES)} (cpu) or {sorted(GPU_SHAPES)} "
+                 "(gpu); default all")
+  p.add_argument("--xla-flags", default=None,
+                 help="appended to XLA_FLAGS before JAX starts ('' for none); default "
+                 f"{DEFAULT_XLA_FLAGS} on cpu, none on gpu")
   p.add_argument("--threads", type=int, default=None,
                  help="threads for both (default: all cores). 1 = single-threaded JAX "
                  "(--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1) and torch; "
                  "a fairer comparison on a machine shared with other jobs")
   p.add_argument("--score-init", choices=("zero", "random"), default="zero",
                  help="score layers zero-initialised (the reference, default) or random (then the "
-                 "forward outputs of both frameworks are non-trivially compared). Note: XLA:CPU's "
-                 "train step is much slower with random scores (÷8: 1.25 -> 3.1 s, 1 thread)")
+                 "forward outputs of both frameworks are non-trivially compared)")
+  p.add_argument("--peak-tflops", type=float, default=None,
+                 help="the device's dense bf16 peak in TFLOP/s (default: looked up by GPU name)")
   p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/"
-                 "vs_torch-<date>.json; --quick: not written unless given)")
+                 "vs_torch-<date>.json; --quick: not written unless given); rewritten after "
+                 "every shape, so a cut-off run keeps what it measured")
   args = p.parse_args(argv)
+  gpu = args.device == "gpu"
+  precision = args.precision or ("bf16" if gpu else "fp32")
+  xla_flags = args.xla_flags if args.xla_flags is not None else ("" if gpu else DEFAULT_XLA_FLAGS)
 
-  if "jax" in sys.modules and args.xla_flags:
+  if "jax" in sys.modules and xla_flags:
     import jax  # noqa: F401  (already imported: flags can only apply before the backend starts)
     from jax._src import xla_bridge
     if xla_bridge.backends_are_initialized():
       print("warning: JAX already started; --xla-flags not applied", file=sys.stderr)
   if args.threads == 1:
-    args.xla_flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    xla_flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
   elif args.threads is not None and args.threads != os.cpu_count():
     p.error("--threads: only 1 or the number of cores is supported")
-  if args.xla_flags.strip():
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+  if xla_flags.strip():
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+  if gpu:  # leave GPU memory to PyTorch, which runs in this process after JAX
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 
   import jax
   import torch
   cores = os.cpu_count()
   torch.set_num_threads(args.threads or cores)
+  if gpu and (jax.default_backend() != "gpu" or not torch.cuda.is_available()):
+    p.error(f"--device gpu: JAX backend is {jax.default_backend()!r}, "
+            f"torch.cuda.is_available() is {torch.cuda.is_available()}")
 
-  shapes = QUICK_SHAPES if args.quick else SHAPES
+  table_shapes = GPU_SHAPES if gpu else SHAPES
+  shapes = QUICK_SHAPES if args.quick else table_shapes
   if args.shapes and not args.quick:
-    shapes = {k: SHAPES[k] for k in args.shapes.split(",")}
-  reps = args.reps or (1 if args.quick else 3)
-  load = os.getloadavg()
-  results = []
-  for name, (wm, b, h, w) in shapes.items():
-    print(f"[vs_torch] {name}: width ×{wm:g}, batch {b}, {w}×{h} ...", file=sys.stderr, flush=True)
-    results.append(bench_shape(name, wm, b, h, w, reps, score_init=args.score_init))
+    unknown = sorted(set(args.shapes.split(",")) - set(table_shapes))
+    if unknown:
+      p.error(f"--shapes: unknown {unknown}; choose from {sorted(table_shapes)}")
+    shapes = {k: table_shapes[k] for k in args.shapes.split(",")}
+  reps = args.reps or (1 if args.quick else 10 if gpu else 3)
+  warmup = 3 if gpu and not args.quick else 1
+  device_kind = jax.devices()[0].device_kind
+  peak = args.peak_tflops or (bf16_peak_tflops(device_kind) if gpu and precision == "bf16" else None)
   import flax
 
   from fcnjax.models import cpu_ops
+  load = os.getloadavg()
   meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": _cpu_model(),
-          "fcnjax_cpu_ops": cpu_ops.enabled(),
+          "device": args.device, "device_kind": device_kind, "precision": precision,
+          "bf16_peak_tflops": peak, "fcnjax_cpu_ops": cpu_ops.enabled(),
           "cores": cores, "torch_threads": torch.get_num_threads(),
           "jax_backend": jax.default_backend(), "jax": jax.__version__, "flax": flax.__version__,
           "torch": torch.__version__, "python": platform.python_version(),
-          "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "reps": reps, "quick": args.quick,
-          "score_init": args.score_init,
-          "loadavg_before": load, "loadavg_after": os.getloadavg(),
+          "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "reps": reps, "warmup": warmup,
+          "quick": args.quick, "score_init": args.score_init, "loadavg_before": load,
           "command": " ".join(["python", "-m", "benchmarks.vs_torch", *(argv or sys.argv[1:])])}
-  table = markdown(results)
-  print(f"\nCPU: {meta['cpu']} ({cores} cores), jax {meta['jax']}, torch {meta['torch']}, "
-        f"torch threads {meta['torch_threads']}, XLA_FLAGS={meta['XLA_FLAGS']!r}, fcnjax cpu_ops {meta['fcnjax_cpu_ops']}, "
-        f"load {load[0]:.2f} -> {meta['loadavg_after'][0]:.2f}, "
-        f"median of {reps}\n")
-  print(table)
   out = args.out
   if out is None and not args.quick:
+    suffix = "-gpu" if gpu else ""
     out = os.path.join("benchmarks", "results",
-                       f"vs_torch-{datetime.date.today().isoformat()}.json")
+                       f"vs_torch-{datetime.date.today().isoformat()}{suffix}.json")
+  results = []
+  for name, (wm, b, h, w) in shapes.items():
+    print(f"[vs_torch] {name}: width ×{wm:g}, batch {b}, {w}×{h}, {precision} ...",
+          file=sys.stderr, flush=True)
+    results.append(bench_shape(name, wm, b, h, w, reps, score_init=args.score_init,
+                               device=args.device, precision=precision, warmup=warmup))
+    meta["loadavg_after"] = os.getloadavg()
+    table = markdown(results, peak)
+    if out:
+      os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+      with open(out, "w") as f:
+        json.dump({"meta": meta, "results": results, "markdown": table}, f, indent=1)
+  where = (f"GPU: {device_kind}, bf16 peak {peak} TFLOP/s" if gpu else f"CPU: {meta['cpu']}")
+  print(f"\n{where} ({cores} CPU cores), {precision}, jax {meta['jax']}, torch {meta['torch']}, "
+        f"torch threads {meta['torch_threads']}, XLA_FLAGS={meta['XLA_FLAGS']!r}, "
+        f"fcnjax cpu_ops {meta['fcnjax_cpu_ops']}, load {load[0]:.2f} -> "
+        f"{meta['loadavg_after'][0]:.2f}, median of {reps} after {warmup} warm-up\n")
+  print(table)
   if out:
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-      json.dump({"meta": meta, "results": results, "markdown": table}, f, indent=1)
     print(f"\nwrote {out}", file=sys.stderr)
   return results
 

@@ -1,7 +1,9 @@
 """The CPU ops of fcnjax.models.cpu_ops equal the plain lax ops, values and gradients.
 
 Tolerance: max-pool forward and backward are exact (they select values, no arithmetic), so
-they are compared with ``assert_array_equal``.
+they are compared with ``assert_array_equal``. The convolution's input gradient (a matrix
+product + col2im instead of XLA's transposed convolution) and the bias-border conv1_1 sum the
+same float32 terms in another order: compared at rtol 1e-5, atol 1e-5 × max |reference|.
 """
 
 import jax
@@ -9,7 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import nnx
+
 from fcnjax.models import cpu_ops, layers
+
+DN = ("NHWC", "HWIO", "NHWC")
 
 
 def _pool_both(x, rounding, cot):
@@ -74,3 +80,100 @@ def test_layers_dispatch_to_cpu_ops_on_cpu(monkeypatch):
     assert not cpu_ops.enabled()
   finally:
     cpu_ops.set_enabled(None)
+
+
+def _close(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("k,pads,hw", [
+    (7, ((0, 0), (0, 0)), (12, 13)),      # fc6, exact variant
+    (7, ((3, 3), (3, 3)), (5, 4)),        # fc6, aligned variant
+    (1, ((0, 0), (0, 0)), (6, 7)),        # fc7 / score layers
+    (3, ((1, 1), (1, 1)), (9, 8)),
+    (5, ((4, 0), (1, 3)), (6, 9)),        # asymmetric
+    (3, ((6, 6), (7, 5)), (4, 5)),        # padding larger than the kernel
+])
+def test_conv2d_matches_lax_values_and_grads(k, pads, hw):
+  rng = np.random.default_rng(k * 100 + sum(hw))
+  x = jnp.asarray(rng.normal(size=(2, *hw, 5)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(k, k, 5, 6)).astype(np.float32))
+  ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=DN)
+  ours = lambda x, w: cpu_ops.conv2d(x, w, pads)
+  y_ref, vjp_ref = jax.vjp(ref, x, w)
+  y, vjp = jax.vjp(ours, x, w)
+  _close(y, y_ref)
+  g = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
+  for a, b in zip(vjp(g), vjp_ref(g)):
+    assert a.shape == b.shape
+    _close(a, b)
+
+
+def test_conv_general_dilated_routes_only_non_3x3_stride_1_convs():
+  x = jnp.ones((1, 9, 9, 2))
+  jaxpr = lambda k, **kw: str(jax.make_jaxpr(
+      lambda x, w: cpu_ops.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=DN,
+                                                **kw))(x, jnp.ones((k, k, 2, 3))))
+  cpu_ops.set_enabled(True)
+  try:
+    assert "custom_vjp" in jaxpr(7) and "custom_vjp" in jaxpr(1)
+    assert "custom_vjp" not in jaxpr(3)                            # 3×3: XLA's own is faster
+    assert "custom_vjp" not in jaxpr(7, rhs_dilation=(2, 2))       # anything unusual: plain lax
+    strided = jax.make_jaxpr(lambda x, w: cpu_ops.conv_general_dilated(
+        x, w, (2, 2), "VALID", dimension_numbers=DN))(x, jnp.ones((7, 7, 2, 3)))
+    assert "custom_vjp" not in str(strided)
+    cpu_ops.set_enabled(False)
+    assert "custom_vjp" not in jaxpr(7)
+  finally:
+    cpu_ops.set_enabled(None)
+
+
+def test_fc_layers_and_score_heads_give_lax_gradients_through_nnx_conv():
+  """nnx.Conv with cpu_ops.conv_general_dilated (as fc6 / fc7 / score heads use it) == lax."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 10, 11, 4)).astype(np.float32))
+  for enabled in (True, False):
+    cpu_ops.set_enabled(enabled)
+    try:
+      conv = nnx.Conv(4, 8, (7, 7), padding="VALID", rngs=nnx.Rngs(0),
+                      conv_general_dilated=cpu_ops.conv_general_dilated)
+      plain = nnx.Conv(4, 8, (7, 7), padding="VALID", rngs=nnx.Rngs(0))
+      loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
+      (g1, gx1), (g2, gx2) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (conv, plain))
+      _close(gx1, gx2)
+      _close(g1.kernel[...], g2.kernel[...])
+      _close(g1.bias[...], g2.bias[...])
+    finally:
+      cpu_ops.set_enabled(None)
+
+
+@pytest.mark.parametrize("first_padding", [0, 1, 2, 3, 100])
+def test_conv_block_first_padding_equals_padding_inside_the_conv(first_padding):
+  """conv1_1 with padding 100 computed on the image + a bias border == lax with padding 100."""
+  rng = np.random.default_rng(first_padding)
+  block = layers.ConvBlock(3, (4,), first_padding=first_padding, pool=None, rngs=nnx.Rngs(0))
+  conv = block.convs[0]
+  conv.bias[...] = jnp.asarray(rng.normal(size=4).astype(np.float32))
+  x = jnp.asarray(rng.normal(size=(2, 7, 6, 3)).astype(np.float32))
+  p = first_padding
+
+  def ref(kernel, bias):
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((p, p), (p, p)), dimension_numbers=DN)
+    return jax.nn.relu(y + bias)
+
+  graphdef, state = nnx.split(block)
+
+  def ours(kernel, bias):
+    m = nnx.merge(graphdef, state, copy=True)
+    m.convs[0].kernel[...], m.convs[0].bias[...] = kernel, bias
+    return m(x)
+
+  args = (conv.kernel[...], conv.bias[...])
+  y_ref, vjp_ref = jax.vjp(ref, *args)
+  y, vjp = jax.vjp(ours, *args)
+  assert y.shape == (2, 7 + 2 * p - 2, 6 + 2 * p - 2, 4)
+  _close(y, y_ref)
+  g = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
+  for a, b in zip(vjp(g), vjp_ref(g)):
+    _close(a, b)
