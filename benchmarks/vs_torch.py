@@ -339,9 +339,9 @@ def main(argv=None):
                  help="appended to XLA_FLAGS before JAX starts ('' for none); default "
                  f"{DEFAULT_XLA_FLAGS} on cpu, none on gpu")
   p.add_argument("--threads", type=int, default=None,
-                 help="threads for both (default: all cores). 1 = single-threaded JAX "
-                 "(--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1) and torch; "
-                 "a fairer comparison on a machine shared with other jobs")
+                 help="threads for both (default: all cores). 1 = the process pinned to one "
+                 "core (plus --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1 "
+                 "and torch.set_num_threads(1)): a single-core comparison")
   p.add_argument("--score-init", choices=("zero", "random"), default="zero",
                  help="score layers zero-initialised (the reference, default) or random (then the "
                  "forward outputs of both frameworks are non-trivially compared)")
@@ -366,7 +366,11 @@ def main(argv=None):
     if xla_bridge.backends_are_initialized():
       print("warning: JAX already started; --xla-flags not applied", file=sys.stderr)
   if args.threads == 1:
+    # XLA:CPU still runs its convolutions on every core with these flags alone (measured: the
+    # same times as without them, half the speed under `taskset -c 0`), so the process is also
+    # pinned to one core: a true single-core comparison for both frameworks.
     xla_flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
   elif args.threads is not None and args.threads != os.cpu_count():
     p.error("--threads: only 1 or the number of cores is supported")
   if xla_flags.strip():
@@ -401,7 +405,8 @@ def main(argv=None):
   meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": _cpu_model(),
           "device": args.device, "device_kind": device_kind, "precision": precision,
           "bf16_peak_tflops": peak, "fcnjax_cpu_ops": cpu_ops.enabled(),
-          "cores": cores, "torch_threads": torch.get_num_threads(),
+          "cores": cores, "cores_used": len(os.sched_getaffinity(0)),
+          "torch_threads": torch.get_num_threads(),
           "jax_backend": jax.default_backend(), "jax": jax.__version__, "flax": flax.__version__,
           "torch": torch.__version__, "python": platform.python_version(),
           "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "reps": reps, "warmup": warmup,
