@@ -27,3 +27,43 @@ def test_vs_torch_quick(tmp_path):
   for key in ("jax_forward", "jax_train", "torch_nchw_train", "torch_channels_last_train"):
     assert r[key]["median_s"] > 0
   assert "individual_convolution" in data["meta"]["XLA_FLAGS"]
+
+
+def test_jaxpr_flops_counts_convs_and_matmuls_inside_jit():
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks.vs_torch import jaxpr_flops
+
+  def f(x, k, a, b):
+    y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(y) + jnp.sum(jax.jit(jnp.matmul)(a, b))   # the matmul in a nested jaxpr
+
+  args = (jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4)), jnp.ones((5, 6)), jnp.ones((6, 7)))
+  conv = 2 * (2 * 8 * 8 * 4) * (3 * 3 * 3)
+  matmul = 2 * 5 * 7 * 6
+  assert jaxpr_flops(jax.make_jaxpr(f)(*args)) == conv + matmul
+
+
+def test_vs_torch_quick_bf16_then_recount_flops(tmp_path):
+  """The bf16 path (GPU mode's precision, here on the CPU) runs, and --recount-flops fills in
+  FLOPs and TFLOP/s of a JSON written by a run (as done for the H100 results)."""
+  out = tmp_path / "vs_torch_bf16.json"
+  run = lambda *a: subprocess.run([sys.executable, "-m", "benchmarks.vs_torch", *a], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=300)
+  proc = run("--quick", "--precision", "bf16", "--score-init", "random", "--out", str(out))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  data = json.loads(out.read_text())
+  (r,) = data["results"]
+  assert data["meta"]["precision"] == "bf16" and r["precision"] == "bf16"
+  # bf16 logits agree with PyTorch autocast to bf16 rounding (8 mantissa bits), not to fp32's
+  assert r["forward_max_abs_diff"] <= 0.05 * r["forward_max_abs"]
+  flops = r["flops_forward"]
+  for key in ("flops_forward", "flops_train"):
+    r.pop(key)
+  out.write_text(json.dumps(data))
+  proc = run("--recount-flops", str(out))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (r2,) = json.loads(out.read_text())["results"]
+  assert r2["flops_forward"] == flops > 0 and r2["flops_train"] == 3 * flops
+  assert r2["jax_train"]["tflops"] == r2["flops_train"] / r2["jax_train"]["median_s"] / 1e12
