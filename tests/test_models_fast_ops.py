@@ -177,3 +177,22 @@ def test_conv_block_first_padding_equals_padding_inside_the_conv(first_padding):
   g = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
   for a, b in zip(vjp(g), vjp_ref(g)):
     _close(a, b)
+
+
+@pytest.mark.parametrize("factor,padding,shape", [
+    (2, 0, (2, 5, 7, 3)), (8, 0, (1, 4, 6, 2)), (8, 4, (2, 3, 5, 2)), (2, 1, (1, 6, 6, 3)),
+    (3, 0, (1, 3, 4, 1)), (32, 0, (1, 2, 3, 2))])
+def test_fixed_bilinear_upsample_values_and_grads_equal_the_transposed_conv(factor, padding, shape):
+  """The two separable 1-D passes (custom VJP) == the full transposed conv with the diagonal
+  bilinear kernel (scatter semantics, autodiff gradient)."""
+  rng = np.random.default_rng(factor * 10 + padding)
+  x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+  kernel = jnp.asarray(layers.bilinear_kernel(factor, shape[-1]))
+  ref = lambda x: layers.transposed_conv(x, kernel, factor, padding)
+  ours = layers.BilinearUpsample(shape[-1], factor, padding=padding)
+  y_ref, vjp_ref = jax.vjp(ref, x)
+  y, vjp = jax.vjp(ours, x)
+  assert y.shape == y_ref.shape
+  _close(y, y_ref)
+  g = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
+  _close(vjp(g)[0], vjp_ref(g)[0])

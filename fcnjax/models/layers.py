@@ -11,6 +11,7 @@ offsets from the layers themselves.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -224,29 +225,57 @@ def transposed_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int =
   return y[:, padding:y.shape[1] - padding, padding:y.shape[2] - padding, :]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def bilinear_upsample_1d(x: jax.Array, factor: int, axis: int, padding: int = 0) -> jax.Array:
   """Fixed bilinear transposed conv (kernel 2s, stride s) along one axis, per channel.
 
   ``out[s*q + r] = x[q] * k[r] + x[q - 1] * k[r + s]`` (sub-pixel form of the scatter, with
   ``x[-1] = x[H] = 0``): elementwise work only, exact to float rounding. Length H -> (H + 1) s - 2p.
+
+  Forward and backward are written as sums of ``s`` scalar-weighted slices, so XLA fuses each
+  into one elementwise pass. (Differentiating the broadcast-multiply form made XLA:CPU
+  materialise the kernel broadcast to the full (N, H+1, s, W, C) shape in both passes: ~65 ms of
+  a 0.54 s ÷8-width FCN-8s step.) The backward is the matching 1-D "downsample":
+  ``dx[q] = sum_r g[s*q + r] k[r] + sum_r g[s*(q+1) + r] k[r + s]``.
   """
-  s = factor
-  k1 = jnp.asarray(bilinear_kernel_1d(s), x.dtype)
+  k1 = bilinear_kernel_1d(factor)
   pad = [(0, 0)] * x.ndim
   pad[axis] = (1, 1)
   xp = jnp.pad(x, pad)
   h1 = x.shape[axis] + 1
   cur = jax.lax.slice_in_dim(xp, 1, h1 + 1, axis=axis)                # x[q], q = 0..H
   prev = jax.lax.slice_in_dim(xp, 0, h1, axis=axis)                   # x[q - 1]
-  shape = [1] * (x.ndim + 1)
-  shape[axis + 1] = s
-  cur = jnp.expand_dims(cur, axis + 1) * k1[:s].reshape(shape)
-  prev = jnp.expand_dims(prev, axis + 1) * k1[s:].reshape(shape)
-  y = cur + prev                                                      # (..., H+1, s, ...)
+  dt = x.dtype
+  y = jnp.stack([cur * dt.type(k1[r]) + prev * dt.type(k1[r + factor]) for r in range(factor)],
+                axis=axis + 1)                                        # (..., H+1, s, ...)
   new_shape = list(x.shape)
-  new_shape[axis] = h1 * s
+  new_shape[axis] = h1 * factor
   y = y.reshape(new_shape)
-  return jax.lax.slice_in_dim(y, padding, h1 * s - padding, axis=axis)
+  return jax.lax.slice_in_dim(y, padding, h1 * factor - padding, axis=axis)
+
+
+def _upsample_fwd(x, factor, axis, padding):
+  return bilinear_upsample_1d(x, factor, axis, padding), x.shape[axis]
+
+
+def _upsample_bwd(factor, axis, padding, h, g):
+  k1 = bilinear_kernel_1d(factor)
+  pad = [(0, 0)] * g.ndim
+  pad[axis] = (padding, padding)
+  g = jnp.pad(g, pad)                                                 # (..., (H+1) s, ...)
+  shape = list(g.shape)
+  shape[axis:axis + 1] = [h + 1, factor]
+  g = g.reshape(shape)                                                # (..., H+1, s, ...)
+  dt = g.dtype
+  taps = [jax.lax.index_in_dim(g, r, axis=axis + 1, keepdims=False) for r in range(factor)]
+  gc = sum(t * dt.type(k1[r]) for r, t in enumerate(taps))           # sum_r g[s q + r] k[r]
+  gp = sum(t * dt.type(k1[r + factor]) for r, t in enumerate(taps))  # ... k[r + s]
+  dx = (jax.lax.slice_in_dim(gc, 0, h, axis=axis)
+        + jax.lax.slice_in_dim(gp, 1, h + 1, axis=axis))
+  return (dx,)
+
+
+bilinear_upsample_1d.defvjp(_upsample_fwd, _upsample_bwd)
 
 
 class BilinearUpsample(nnx.Module):
