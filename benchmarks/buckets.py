@@ -69,9 +69,10 @@ def load_sizes(csv=None, root=None, splits=("train",)) -> np.ndarray:
     from fcnjax.data import readers
     return np.concatenate([readers.open_source(root, s).sizes for s in splits]).astype(np.int64)
   from fcnjax.data.stats import read_sizes_csv
-  sizes = read_sizes_csv(csv or default_sizes_csv(), list(splits))
+  path = csv or default_sizes_csv()
+  sizes = read_sizes_csv(path, list(splits))
   if len(sizes) == 0:
-    raise ValueError(f"{csv}: no rows for splits {list(splits)}")
+    raise ValueError(f"{path}: no rows for splits {list(splits)}")
   return sizes
 
 
@@ -774,7 +775,11 @@ def main(argv=None) -> int:
     if "xla_force_host_platform_device_count" not in flags:
       os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={a.devices}"
   splits = [s for s in a.split.split(",") if s]
-  sizes = load_sizes(a.sizes, a.root, splits)
+  try:
+    sizes = load_sizes(a.sizes, a.root, splits)
+  except (OSError, ValueError) as e:  # missing / unreadable / malformed size table or dataset
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   source = a.root or (a.sizes or "shipped voc2012_seg_sizes.csv")
   if a.max_images and a.max_images < len(sizes):
     sizes = sizes[np.sort(np.random.default_rng(a.seed).choice(len(sizes), a.max_images, False))]

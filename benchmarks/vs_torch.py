@@ -354,7 +354,11 @@ def main(argv=None):
                  "every shape, so a cut-off run keeps what it measured")
   args = p.parse_args(argv)
   if args.recount_flops:
-    recount_flops(args.recount_flops)
+    try:
+      recount_flops(args.recount_flops)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      p.error(f"--recount-flops {args.recount_flops}: not a readable vs_torch JSON "
+              f"({type(e).__name__}: {e})")
     return []
   gpu = args.device == "gpu"
   precision = args.precision or ("bf16" if gpu else "fp32")

@@ -122,3 +122,22 @@ def test_sizes_from_a_dataset_root(tmp_path):
   root = synthetic.write_synthetic_voc(tmp_path, num_train=5, num_val=3, scale=0.1, seed=0)
   sizes = bb.load_sizes(root=root, splits=("train", "val"))
   assert sizes.shape == (8, 2) and (sizes > 0).all()
+
+
+@pytest.mark.parametrize("content,problem", [
+    (None, "No such file"),
+    ("split,image_id,width,height\ntrain,a,500,375\ntrain,b,5OO,375\n", "line 3: width/height must be integers"),
+    ("split,image_id,width,height\ntrain,a,0,375\n", "line 2: width/height must be positive"),
+    ("split,id,w,h\ntrain,a,500,375\n", "needs columns"),
+    ("split,image_id,width,height\nval,a,500,375\n", "no rows for splits ['train']"),
+])
+def test_bad_size_table_is_one_error_line_naming_the_file(tmp_path, capsys, content, problem):
+  from benchmarks import buckets
+  path = tmp_path / "sizes.csv"
+  if content is not None:
+    path.write_text(content)
+  assert buckets.main(["--quick", "--sizes", str(path), "--out", str(tmp_path / "o.json")]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and str(path) in err[0], err
+  assert problem in err[0]
+  assert not (tmp_path / "o.json").exists()

@@ -67,3 +67,17 @@ def test_vs_torch_quick_bf16_then_recount_flops(tmp_path):
   (r2,) = json.loads(out.read_text())["results"]
   assert r2["flops_forward"] == flops > 0 and r2["flops_train"] == 3 * flops
   assert r2["jax_train"]["tflops"] == r2["flops_train"] / r2["jax_train"]["median_s"] / 1e12
+
+
+@pytest.mark.parametrize("content", [None, "{}", "not json"])
+def test_recount_flops_of_a_bad_file_is_a_clear_error(tmp_path, content):
+  path = tmp_path / "x.json"
+  if content is not None:
+    path.write_text(content)
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.vs_torch", "--recount-flops", str(path)],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "error: --recount-flops" in last and str(path) in last and "Traceback" not in proc.stderr
+  if content is not None:
+    assert path.read_text() == content  # left as it was

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_helpers import run_sharded_script
 
 from fcnjax.train.loss import segmentation_loss
 
@@ -114,15 +115,7 @@ def test_bad_arguments():
 
 
 SHARDED_SCRIPT = r"""
-import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from fcnjax.train.loss import segmentation_loss
-rng = np.random.default_rng(0)
-z = rng.normal(size=(8, 8, 9, 5)).astype(np.float32)
-y = rng.integers(0, 5, (8, 8, 9)).astype(np.uint8); y[:, :2] = 255
-m = np.ones((8, 8, 9), bool); m[7] = False
 cw = jnp.linspace(0.5, 2.0, 5)
 f = jax.jit(lambda z, y, m: jax.value_and_grad(
     lambda z: segmentation_loss(z, y, m, class_weights=cw)[0])(z))
@@ -141,8 +134,4 @@ print("OK")
 
 
 def test_sharded_batch_on_simulated_devices():
-  import subprocess
-  import sys
-  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True,
-                       timeout=120)
-  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+  run_sharded_script(SHARDED_SCRIPT)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_helpers import run_sharded_script
 
 from fcnjax.train.metrics import (confusion_matrix, format_metrics, segmentation_metrics,
                                   update_confusion)
@@ -121,15 +122,7 @@ def test_empty_hist_gives_nan_without_warnings():
 
 
 SHARDED_SCRIPT = r"""
-import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from fcnjax.train.metrics import update_confusion
-rng = np.random.default_rng(0)
-z = rng.normal(size=(8, 8, 9, 5)).astype(np.float32)
-y = rng.integers(0, 5, (8, 8, 9)).astype(np.uint8); y[:, :2] = 255
-m = np.ones((8, 8, 9), bool); m[7] = False
 h0 = jnp.zeros((5, 5), jnp.int32)
 want = np.asarray(jax.jit(update_confusion)(h0, z, y, m))
 for axis_type in (AxisType.Explicit, AxisType.Auto):
@@ -143,8 +136,4 @@ print("OK")
 
 
 def test_sharded_batch_on_simulated_devices():
-  import subprocess
-  import sys
-  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True,
-                       timeout=120)
-  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+  run_sharded_script(SHARDED_SCRIPT)

@@ -62,3 +62,25 @@ def max_relative_difference(a: dict, b: dict) -> float:
   import numpy as np
   assert a.keys() == b.keys()
   return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(a[k]).max(), 1e-12)) for k in a)
+
+
+# Start of a script run in a fresh process with 4 simulated CPU devices (XLA_FLAGS must be set
+# before JAX starts): a random batch of logits ``z`` (8, 8, 9, 5), labels ``y`` with ignored
+# rows, and a mask ``m`` with one padded image, plus the sharding names the scripts use.
+SHARDED_PRELUDE = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+rng = np.random.default_rng(0)
+z = rng.normal(size=(8, 8, 9, 5)).astype(np.float32)
+y = rng.integers(0, 5, (8, 8, 9)).astype(np.uint8); y[:, :2] = 255
+m = np.ones((8, 8, 9), bool); m[7] = False
+"""
+
+
+def run_sharded_script(body: str) -> None:
+  """Run ``SHARDED_PRELUDE + body`` in a subprocess; it must print ``OK``."""
+  out = subprocess.run([sys.executable, "-c", SHARDED_PRELUDE + body], capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

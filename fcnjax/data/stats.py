@@ -29,9 +29,19 @@ def read_sizes_csv(path, splits=None) -> np.ndarray:
   missing = {"width", "height"} - set(rows[0] if rows else {})
   if missing:
     raise ValueError(f"{path}: needs columns split,image_id,width,height (missing {missing})")
-  if splits:
-    rows = [r for r in rows if r.get("split") in splits]
-  return np.array([(int(r["height"]), int(r["width"])) for r in rows], np.int64).reshape(-1, 2)
+  sizes = []
+  for line, r in enumerate(rows, start=2):  # line 1 is the header
+    if splits and r.get("split") not in splits:
+      continue
+    try:
+      h, w = int(r["height"]), int(r["width"])
+    except (TypeError, ValueError):
+      raise ValueError(f"{path}, line {line}: width/height must be integers, got "
+                       f"{r.get('width')!r} x {r.get('height')!r}") from None
+    if h < 1 or w < 1:
+      raise ValueError(f"{path}, line {line}: width/height must be positive, got {w} x {h}")
+    sizes.append((h, w))
+  return np.array(sizes, np.int64).reshape(-1, 2)
 
 
 def size_summary(sizes, top: int = 5) -> str:

@@ -234,7 +234,7 @@ def bilinear_upsample_1d(x: jax.Array, factor: int, axis: int, padding: int = 0)
 
   Forward and backward are written as sums of ``s`` scalar-weighted slices, so XLA fuses each
   into one elementwise pass. (Differentiating the broadcast-multiply form made XLA:CPU
-  materialise the kernel broadcast to the full (N, H+1, s, W, C) shape in both passes: ~65 ms of
+  materialise the kernel broadcast to the full (N, H+1, s, W, C) shape in both passes: ~60 ms of
   a 0.54 s ÷8-width FCN-8s step.) The backward is the matching 1-D "downsample":
   ``dx[q] = sum_r g[s*q + r] k[r] + sum_r g[s*(q+1) + r] k[r + s]``.
   """
