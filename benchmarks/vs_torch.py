@@ -262,18 +262,14 @@ def forward_flops(width_multiplier, batch, height, width, precision="fp32", num_
   from flax import nnx
 
   from fcnjax import models
-  from fcnjax.models import cpu_ops
   from fcnjax.train import step as step_lib
-  cpu_ops.set_enabled(False)
-  try:
-    model = models.fcn8s(num_classes, width_multiplier=width_multiplier,
-                         dtype=jnp.bfloat16 if precision == "bf16" else None, rngs=nnx.Rngs(0))
-    model.eval()
-    graphdef, params, rest = step_lib.split_model(model)
-    fwd = lambda p, r, x: nnx.merge(graphdef, p, r, copy=True)(x)  # noqa: E731
-    return _flops(fwd, params, rest, jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32))
-  finally:
-    cpu_ops.set_enabled(None)
+  model = models.fcn8s(num_classes, width_multiplier=width_multiplier,
+                       dtype=jnp.bfloat16 if precision == "bf16" else None, ops="lax",
+                       rngs=nnx.Rngs(0))
+  model.eval()
+  graphdef, params, rest = step_lib.split_model(model)
+  fwd = lambda p, r, x: nnx.merge(graphdef, p, r, copy=True)(x)  # noqa: E731
+  return _flops(fwd, params, rest, jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32))
 
 
 def recount_flops(path):
@@ -404,11 +400,11 @@ def main(argv=None):
   peak = args.peak_tflops or (bf16_peak_tflops(device_kind) if gpu and precision == "bf16" else None)
   import flax
 
-  from fcnjax.models import cpu_ops
+  from fcnjax import models
   load = os.getloadavg()
   meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": _cpu_model(),
           "device": args.device, "device_kind": device_kind, "precision": precision,
-          "bf16_peak_tflops": peak, "fcnjax_cpu_ops": cpu_ops.enabled(),
+          "bf16_peak_tflops": peak, "fcnjax_cpu_ops": models.resolve_ops("auto") == "cpu",
           "cores": cores, "cores_used": len(os.sched_getaffinity(0)),
           "torch_threads": torch.get_num_threads(),
           "jax_backend": jax.default_backend(), "jax": jax.__version__, "flax": flax.__version__,

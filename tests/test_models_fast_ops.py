@@ -1,4 +1,5 @@
-"""The CPU ops of fcnjax.models.cpu_ops equal the plain lax ops, values and gradients.
+"""The CPU ops of fcnjax.models.cpu_ops equal the plain lax ops, values and gradients; the
+``ops`` constructor argument picks them.
 
 Tolerance: max-pool forward and backward are exact (they select values, no arithmetic), so
 they are compared with ``assert_array_equal``. The convolution's input gradient (a matrix
@@ -13,6 +14,7 @@ import pytest
 
 from flax import nnx
 
+from fcnjax import models
 from fcnjax.models import cpu_ops, layers
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -21,7 +23,7 @@ DN = ("NHWC", "HWIO", "NHWC")
 def _pool_both(x, rounding, cot):
   outs, cache = [], {}
   for f in (lambda x: cpu_ops.max_pool_2x2(x, rounding),
-            lambda x: layers.max_pool_2x2_reduce_window(x, rounding)):
+            lambda x: layers.max_pool_2x2(x, rounding)):
     y, vjp = jax.vjp(f, x)
     if y.shape not in cache:  # the same cotangent for both
       cache[y.shape] = cot(y.shape)
@@ -65,21 +67,48 @@ def test_max_pool_negative_infinity_and_bfloat16():
   np.testing.assert_array_equal(g1, g2)
 
 
-def test_layers_dispatch_to_cpu_ops_on_cpu(monkeypatch):
+def test_ops_resolve_once_at_construction():
+  """"auto" is the backend's choice; an invalid value names the allowed ones."""
+  assert cpu_ops.resolve_ops("auto") == ("cpu" if jax.default_backend() == "cpu" else "lax")
+  assert cpu_ops.resolve_ops("cpu") == "cpu" and cpu_ops.resolve_ops("lax") == "lax"
+  for bad in ("gpu", "", None, True):
+    with pytest.raises(ValueError, match="'auto', 'cpu', 'lax'"):
+      cpu_ops.resolve_ops(bad)
+  for ctor in (lambda: layers.ScoreHead(4, 3, ops="fast", rngs=nnx.Rngs(0)),
+               lambda: layers.ConvBlock(3, (4,), ops="fast", rngs=nnx.Rngs(0)),
+               lambda: models.vgg16(width_multiplier=1 / 64, ops="fast", rngs=nnx.Rngs(0)),
+               lambda: models.fcn8s(3, width_multiplier=1 / 64, ops="fast", rngs=nnx.Rngs(0)),
+               lambda: models.build_model("fcn32s", 3, width_multiplier=1 / 64, ops="fast")):
+    with pytest.raises(ValueError, match="ops must be one of"):
+      ctor()
+  auto = models.fcn8s(3, width_multiplier=1 / 64, rngs=nnx.Rngs(0))
+  assert auto.ops == auto.backbone.ops == cpu_ops.resolve_ops("auto")
+
+
+@pytest.mark.parametrize("ops", ["cpu", "lax"])
+def test_modules_store_the_chosen_ops(ops):
+  model = models.fcn8s(3, width_multiplier=1 / 64, ops=ops, rngs=nnx.Rngs(0))
+  conv = {"cpu": cpu_ops.conv_general_dilated, "lax": jax.lax.conv_general_dilated}[ops]
+  pool = {"cpu": layers.max_pool_2x2_cpu, "lax": layers.max_pool_2x2}[ops]
+  bb = model.backbone
+  assert model.ops == bb.ops == ops
+  assert all(block.ops == ops and block.max_pool is pool for block in bb.blocks)
+  assert bb.fc6.conv_general_dilated is conv and bb.fc7.conv_general_dilated is conv
+  heads = [model.score_fr, *model.score_skips]
+  assert all(h.ops == ops and h.conv.conv_general_dilated is conv for h in heads)
+  # what the forward traces: the custom VJPs only with ops="cpu"
+  model.eval()
+  jaxpr = str(jax.make_jaxpr(lambda x: model(x))(jnp.ones((1, 40, 40, 3))))
+  assert ("custom_vjp" in jaxpr and "reduce_window" not in jaxpr) == (ops == "cpu")
+  assert ("reduce_window" in jaxpr) == (ops == "lax")
+
+
+def test_max_pool_for_each_ops():
   x = jnp.ones((1, 4, 4, 1))
-  cpu_ops.set_enabled(None)
-  monkeypatch.delenv("FCNJAX_CPU_OPS", raising=False)
-  assert cpu_ops.enabled() == (jax.default_backend() == "cpu")
-  monkeypatch.setenv("FCNJAX_CPU_OPS", "0")
-  assert not cpu_ops.enabled()
-  assert "reduce_window" in str(jax.make_jaxpr(lambda x: layers.max_pool_2x2(x))(x))
-  monkeypatch.setenv("FCNJAX_CPU_OPS", "1")
-  assert "custom_vjp" in str(jax.make_jaxpr(lambda x: layers.max_pool_2x2(x))(x))
-  cpu_ops.set_enabled(False)
-  try:
-    assert not cpu_ops.enabled()
-  finally:
-    cpu_ops.set_enabled(None)
+  assert "reduce_window" in str(jax.make_jaxpr(layers.max_pool_2x2_for("lax"))(x))
+  assert "custom_vjp" in str(jax.make_jaxpr(layers.max_pool_2x2_for("cpu"))(x))
+  with pytest.raises(ValueError, match="rounding"):
+    layers.max_pool_2x2_cpu(x, "round")
 
 
 def _close(a, b):
@@ -112,40 +141,61 @@ def test_conv2d_matches_lax_values_and_grads(k, pads, hw):
 
 def test_conv_general_dilated_routes_only_non_3x3_stride_1_convs():
   x = jnp.ones((1, 9, 9, 2))
-  jaxpr = lambda k, **kw: str(jax.make_jaxpr(
-      lambda x, w: cpu_ops.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=DN,
-                                                **kw))(x, jnp.ones((k, k, 2, 3))))
-  cpu_ops.set_enabled(True)
-  try:
-    assert "custom_vjp" in jaxpr(7) and "custom_vjp" in jaxpr(1)
-    assert "custom_vjp" not in jaxpr(3)                            # 3×3: XLA's own is faster
-    assert "custom_vjp" not in jaxpr(7, rhs_dilation=(2, 2))       # anything unusual: plain lax
-    strided = jax.make_jaxpr(lambda x, w: cpu_ops.conv_general_dilated(
-        x, w, (2, 2), "VALID", dimension_numbers=DN))(x, jnp.ones((7, 7, 2, 3)))
-    assert "custom_vjp" not in str(strided)
-    cpu_ops.set_enabled(False)
-    assert "custom_vjp" not in jaxpr(7)
-  finally:
-    cpu_ops.set_enabled(None)
+  jaxpr = lambda k, conv=cpu_ops.conv_general_dilated, **kw: str(jax.make_jaxpr(
+      lambda x, w: conv(x, w, (1, 1), "VALID", dimension_numbers=DN, **kw))(
+          x, jnp.ones((k, k, 2, 3))))
+  assert "custom_vjp" in jaxpr(7) and "custom_vjp" in jaxpr(1)
+  assert "custom_vjp" not in jaxpr(3)                            # 3×3: XLA's own is faster
+  assert "custom_vjp" not in jaxpr(7, rhs_dilation=(2, 2))       # anything unusual: plain lax
+  strided = jax.make_jaxpr(lambda x, w: cpu_ops.conv_general_dilated(
+      x, w, (2, 2), "VALID", dimension_numbers=DN))(x, jnp.ones((7, 7, 2, 3)))
+  assert "custom_vjp" not in str(strided)
+  # what was passed on is exactly lax's own convolution
+  plain = str(jax.make_jaxpr(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), "VALID", dimension_numbers=DN, rhs_dilation=(2, 2)))(x, jnp.ones((7, 7, 2, 3))))
+  assert jaxpr(7, rhs_dilation=(2, 2)) == plain
+  assert layers.conv_general_dilated_for("cpu") is cpu_ops.conv_general_dilated
+  assert layers.conv_general_dilated_for("lax") is jax.lax.conv_general_dilated
+  assert "custom_vjp" not in jaxpr(7, conv=layers.conv_general_dilated_for("lax"))
 
 
 def test_fc_layers_and_score_heads_give_lax_gradients_through_nnx_conv():
-  """nnx.Conv with cpu_ops.conv_general_dilated (as fc6 / fc7 / score heads use it) == lax."""
+  """nnx.Conv with the "cpu" convolution (as fc6 / fc7 / score heads use it) == with "lax"."""
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.normal(size=(2, 10, 11, 4)).astype(np.float32))
-  for enabled in (True, False):
-    cpu_ops.set_enabled(enabled)
-    try:
-      conv = nnx.Conv(4, 8, (7, 7), padding="VALID", rngs=nnx.Rngs(0),
-                      conv_general_dilated=cpu_ops.conv_general_dilated)
-      plain = nnx.Conv(4, 8, (7, 7), padding="VALID", rngs=nnx.Rngs(0))
-      loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
-      (g1, gx1), (g2, gx2) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (conv, plain))
-      _close(gx1, gx2)
-      _close(g1.kernel[...], g2.kernel[...])
-      _close(g1.bias[...], g2.bias[...])
-    finally:
-      cpu_ops.set_enabled(None)
+  conv, plain = (nnx.Conv(4, 8, (7, 7), padding="VALID", rngs=nnx.Rngs(0),
+                          conv_general_dilated=layers.conv_general_dilated_for(ops))
+                 for ops in ("cpu", "lax"))
+  loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
+  (g1, gx1), (g2, gx2) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (conv, plain))
+  _close(gx1, gx2)
+  _close(g1.kernel[...], g2.kernel[...])
+  _close(g1.bias[...], g2.bias[...])
+
+
+@pytest.mark.parametrize("name, kwargs", [("fcn8s", {}), ("fcn16s", {"aligned": True}),
+                                          ("fcn32s", {"batch_norm": True})])
+def test_cpu_and_lax_models_give_the_same_values_and_gradients(name, kwargs):
+  """Whole models built with ops="cpu" and ops="lax" from the same seed: the same parameters,
+  logits and parameter gradients (same tolerance as the single ops)."""
+  x = jnp.asarray(np.random.default_rng(4).normal(0, 50, size=(2, 37, 45, 3)).astype(np.float32))
+  results = []
+  for ops in ("cpu", "lax"):
+    model = models.build_model(name, 5, width_multiplier=1 / 16, ops=ops, seed=0, **kwargs)
+    for head in [model.score_fr, *model.score_skips]:  # nonzero scores: gradients reach fc7
+      head.conv.kernel[...] = 1e-2 * jax.random.normal(jax.random.key(5), head.conv.kernel.shape)
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = lambda p: jnp.mean(jnp.sin(nnx.merge(graphdef, p, rest)(x)))
+    value, grads = jax.value_and_grad(loss)(params)
+    results.append((nnx.merge(graphdef, params, rest)(x), value, grads))
+  (y1, v1, g1), (y2, v2, g2) = results
+  _close(y1, y2)
+  _close(v1, v2)
+  leaves1, leaves2 = jax.tree.leaves(g1), jax.tree.leaves(g2)
+  assert len(leaves1) == len(leaves2) > 0
+  for a, b in zip(leaves1, leaves2):
+    _close(a, b)
 
 
 @pytest.mark.parametrize("first_padding", [0, 1, 2, 3, 100])

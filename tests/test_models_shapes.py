@@ -64,7 +64,7 @@ def test_learnable_upsampling_stores_the_reference_127008_weights():
 
 
 def test_floor_pooling_breaks_reference_crops_ceil_never_does():
-  """FCN_REFERENCE.md: with floor pooling FCN-32s's final crop fails for 434 heights of 1..1199,
+  """With floor pooling FCN-32s's final crop fails for 434 heights of 1..1199,
   first at 46 (96 of them in 1..300, checked here); below 26 floor pooling also leaves fc6 empty.
   Ceil pooling never fails."""
   floor = models.fcn32s(5, width_multiplier=1 / 64, pool="floor", rngs=nnx.Rngs(0))

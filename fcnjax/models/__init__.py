@@ -1,15 +1,25 @@
-"""FCN models and their building blocks (Flax NNX, NHWC)."""
+"""FCN models and their building blocks (Flax NNX, NHWC).
 
-from fcnjax.models.fcn import (FCN, MODELS, SKIPS_BY_STRIDE, count_params, fcn2s, fcn4s, fcn8s,
-                               fcn8s_atonce, fcn16s, fcn32s, fcn_vgg16)
+Named architectures come from one table, :mod:`fcnjax.models.registry`: ``build_model(name,
+...)``, ``MODELS`` (FCN name -> constructor), ``model_names()`` (name -> description).
+"""
+
+from fcnjax.models.cpu_ops import OPS, resolve_ops
+from fcnjax.models.fcn import FCN, count_params, fcn_vgg16
 from fcnjax.models.geometry import CoordMap, compose, conv_map, crop_offset, deconv_map
 from fcnjax.models.layers import (BilinearUpsample, ConvBlock, FixedKernel, ScoreHead,
-                                  bilinear_kernel, crop, fuse, max_pool_2x2, transposed_conv)
+                                  bilinear_kernel, conv_general_dilated_for, crop, fuse,
+                                  max_pool_2x2, max_pool_2x2_cpu, max_pool_2x2_for,
+                                  transposed_conv)
+from fcnjax.models.registry import (MODELS, SPECS, ModelSpec, build_model, fcn2s, fcn4s, fcn8s,
+                                    fcn8s_atonce, fcn16s, fcn32s, get_spec, model_names)
 from fcnjax.models.vgg import VGG, vgg16
 
 __all__ = [
-    "FCN", "MODELS", "SKIPS_BY_STRIDE", "count_params", "fcn2s", "fcn4s", "fcn8s", "fcn8s_atonce",
-    "fcn16s", "fcn32s", "fcn_vgg16", "CoordMap", "compose", "conv_map", "crop_offset",
-    "deconv_map", "BilinearUpsample", "ConvBlock", "FixedKernel", "ScoreHead", "bilinear_kernel",
-    "crop", "fuse", "max_pool_2x2", "transposed_conv", "VGG", "vgg16",
+    "OPS", "resolve_ops", "FCN", "count_params", "fcn_vgg16", "CoordMap", "compose", "conv_map",
+    "crop_offset", "deconv_map", "BilinearUpsample", "ConvBlock", "FixedKernel", "ScoreHead",
+    "bilinear_kernel", "conv_general_dilated_for", "crop", "fuse", "max_pool_2x2",
+    "max_pool_2x2_cpu", "max_pool_2x2_for", "transposed_conv", "MODELS", "SPECS", "ModelSpec",
+    "build_model", "fcn2s", "fcn4s", "fcn8s", "fcn8s_atonce", "fcn16s", "fcn32s", "get_spec",
+    "model_names", "VGG", "vgg16",
 ]

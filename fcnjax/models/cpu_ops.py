@@ -1,63 +1,58 @@
 """CPU-friendly versions of ops whose XLA:CPU gradients are slow, with custom VJPs.
 
-Used by :mod:`fcnjax.models.layers` when :func:`enabled` (by default: JAX's default backend is
-the CPU), so GPUs and TPUs keep XLA's native kernels. Each op computes the same numbers as the
-plain ``lax`` op it replaces (tested in ``tests/test_models_fast_ops.py``).
+Which implementation a model uses is a constructor choice, ``ops``: ``"cpu"`` (these ops),
+``"lax"`` (XLA's native ops) or ``"auto"`` (``"cpu"`` when JAX's default backend is the CPU,
+else ``"lax"``, so GPUs and TPUs keep XLA's native kernels), resolved once by
+:func:`resolve_ops` when the module is built and stored on it
+(:func:`fcnjax.models.layers.conv_general_dilated_for` and
+:func:`fcnjax.models.layers.max_pool_2x2_for` pick the functions the layers store). Nothing
+here reads the environment. Each op computes the same numbers as the plain ``lax`` op it
+replaces (tested in ``tests/test_models_fast_ops.py``).
 
 * :func:`max_pool_2x2` — 2×2/2 max-pool as a reshape + max; its backward is an elementwise mask
-  instead of XLA's select-and-scatter (pool1 of FCN-8s at 500×375: ~390 ms on 2 cores). Ties go
-  to the first maximal element of the window in row-major order (top-left, top-right,
-  bottom-left, bottom-right), which is exactly what ``jax.grad`` of ``lax.reduce_window(max)``
-  does; each window passes its whole gradient to exactly one element, so the result is a valid
-  subgradient.
+  instead of XLA's select-and-scatter, which is slow on XLA:CPU. Ties go to the first maximal
+  element of the window in row-major order (top-left, top-right, bottom-left, bottom-right),
+  which is exactly what ``jax.grad`` of ``lax.reduce_window(max)`` does; each window passes its
+  whole gradient to exactly one element, so the result is a valid subgradient.
 
 * :func:`conv_general_dilated` — a drop-in for ``lax.conv_general_dilated`` (``nnx.Conv``'s
   ``conv_general_dilated=`` argument). Stride-1 NHWC/HWIO convolutions whose kernel is not 3×3
   (fc6's 7×7, fc7's and the score layers' 1×1) get a custom VJP whose input gradient is one
   matrix product plus a col2im (:func:`input_grad`). XLA:CPU lowers fc6's input gradient with
-  the cotangent as the window, which is pathologically slow: 680 ms at ÷8 width (12×13 maps,
-  512→64, batch 8; 4 ms as a matrix product, PyTorch 7 ms) and 770 ms at full width
-  (18×22, 4096→512; 147 ms, PyTorch 360 ms); fc7's 1×1 67 → 24 ms. Writing it as a forward
-  convolution does not help (XLA rewrites it to the same swapped form). 3×3 convolutions keep
-  XLA's native input gradient, which is 1.5–9× faster than the matrix-product form. The weight
-  gradient is always XLA's own. Other convolutions (strides, dilations, groups, other layouts)
-  go to ``lax.conv_general_dilated`` unchanged.
+  the cotangent as the window, which is slow (far slower than the matrix product, and than
+  PyTorch); writing it as a forward convolution does not help, as XLA rewrites it to the same
+  swapped form. 3×3 convolutions keep XLA's native input gradient, which is faster than the
+  matrix-product form. The weight gradient is always XLA's own. Other convolutions (strides,
+  dilations, groups, other layouts) go to ``lax.conv_general_dilated`` unchanged.
 
-Override the automatic choice with the environment variable ``FCNJAX_CPU_OPS=0`` / ``1`` (read
-at trace time) or :func:`set_enabled`.
+The measurements behind each choice are in ``benchmarks/RESULTS.md`` ("Why the CPU ops exist").
 
 Speed on XLA:CPU also depends on a flag, which only users can set (before JAX starts):
 ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` sends convolutions
-to XLA's Eigen kernels instead of YNNPACK, whose weight-gradient convolutions run 2-3× slower.
+to XLA's Eigen kernels instead of YNNPACK, whose weight-gradient convolutions are slower.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
-_OVERRIDE: bool | None = None
+#: The values of every ``ops`` argument: these CPU ops, XLA's native ops, or by backend.
+OPS = ("auto", "cpu", "lax")
 
 
-def set_enabled(value: bool | None) -> None:
-  """Force the CPU ops on (True) or off (False); None restores the automatic choice."""
-  global _OVERRIDE
-  _OVERRIDE = value
+def resolve_ops(ops: str) -> str:
+  """``"cpu"`` or ``"lax"`` for an ``ops`` argument; ``"auto"`` picks by JAX's default backend.
 
-
-def enabled() -> bool:
-  """Whether layers should use these ops: the override, else ``FCNJAX_CPU_OPS``, else CPU."""
-  if _OVERRIDE is not None:
-    return _OVERRIDE
-  env = os.environ.get("FCNJAX_CPU_OPS", "").strip().lower()
-  if env in ("0", "false", "no", "off"):
-    return False
-  if env in ("1", "true", "yes", "on"):
-    return True
-  return jax.default_backend() == "cpu"
+  Raises ``ValueError`` for anything but the values in :data:`OPS`.
+  """
+  if ops not in OPS:
+    raise ValueError(f"ops must be one of {OPS}, got {ops!r}")
+  if ops == "auto":
+    return "cpu" if jax.default_backend() == "cpu" else "lax"
+  return ops
 
 
 def _windows(x: jax.Array, rounding: str) -> jax.Array:
@@ -120,8 +115,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          precision=None, preferred_element_type=None, **kwargs):
   """``lax.conv_general_dilated``, routed to :func:`conv2d` where that applies (see module doc).
 
-  :func:`conv2d` is used when :func:`enabled` and the convolution is 2-D, stride 1, undilated,
-  ungrouped, NHWC/HWIO/NHWC, floating point, with a kernel other than 3×3 and no
+  :func:`conv2d` is used when the convolution is 2-D, stride 1, undilated, ungrouped,
+  NHWC/HWIO/NHWC, floating point, with a kernel other than 3×3 and no
   ``preferred_element_type`` or sharding argument; anything else is passed to
   ``lax.conv_general_dilated`` as given.
   """
@@ -130,7 +125,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, batch_group_count=batch_group_count,
       precision=precision, preferred_element_type=preferred_element_type, **kwargs)
-  if (not enabled() or lhs.ndim != 4 or rhs.ndim != 4 or preferred_element_type is not None
+  if (lhs.ndim != 4 or rhs.ndim != 4 or preferred_element_type is not None
       or any(v is not None for v in kwargs.values())
       or feature_group_count != 1 or batch_group_count != 1
       or tuple(window_strides) != (1, 1)

@@ -7,11 +7,16 @@ offset are derived from the backbone's coordinate maps (:mod:`fcnjax.models.geom
 
 Input: (N, H, W, 3) float32 in the convention of ``model.preprocessing`` (default: the Caffe
 reference's BGR, 0–255, minus the mean; see :mod:`fcnjax.preprocessing`). Output: (N, H, W,
-num_classes) logits, for any H, W ≥ 1.
+num_classes) logits, for any H, W ≥ 1; ``model(x, return_intermediates=True)`` returns
+``(logits, out)`` with the named intermediates (:meth:`FCN.__call__`).
+
+The named variants (``fcn32s`` … ``fcn2s``, ``fcn8s-atonce``) and :func:`build_model` are in
+:mod:`fcnjax.models.registry`.
 """
 
 from __future__ import annotations
 
+import collections
 from typing import Sequence
 
 import jax
@@ -19,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fcnjax import preprocessing as preprocessing_lib
-from fcnjax.models import geometry
+from fcnjax.models import cpu_ops, geometry
 from fcnjax.models.layers import BilinearUpsample, ScoreHead, crop, fuse
 from fcnjax.models.vgg import VGG
 
@@ -36,8 +41,14 @@ class FCN(nnx.Module):
     zero_init_scores: zero-initialise the score heads, as the reference.
     preprocessing: the input convention the weights expect (``fcnjax.preprocessing``).
     dtype: computation dtype of the score heads (parameters stay float32).
+    ops: the score heads' convolution, ``"cpu"``, ``"lax"`` or ``"auto"`` (by JAX's default
+      backend; see :mod:`fcnjax.models.cpu_ops`), resolved here and stored as ``self.ops``.
+      The backbone has its own (:func:`fcn_vgg16` passes the same to both).
 
-  Attributes ``skip_offsets`` (one per skip) and ``final_offset`` hold the derived crop offsets.
+  Attributes ``skip_offsets`` (one per skip) and ``final_offset`` hold the derived crop offsets;
+  ``upscore_names`` the names of the upsampling steps in the intermediates (one per skip, then
+  the final one): ``upscore_fr`` upsamples ``score_fr``, ``upscore_<skip>`` the fusion with
+  ``<skip>``.
   """
 
   def __init__(self, backbone: nnx.Module, num_classes: int = 21,
@@ -45,7 +56,7 @@ class FCN(nnx.Module):
                skip_scales: Sequence[float | None] | None = None,
                learnable_upsampling: bool = False, zero_init_scores: bool = True,
                preprocessing: preprocessing_lib.Preprocessing = preprocessing_lib.CAFFE,
-               dtype=None, rngs: nnx.Rngs):
+               dtype=None, ops: str = "auto", rngs: nnx.Rngs):
     skips = tuple(skips)
     skip_scales = tuple(skip_scales) if skip_scales is not None else (None,) * len(skips)
     if len(skip_scales) != len(skips):
@@ -58,6 +69,8 @@ class FCN(nnx.Module):
     self.num_classes = num_classes
     self.skips = skips
     self.preprocessing = preprocessing
+    self.ops = cpu_ops.resolve_ops(ops)
+    self.upscore_names = tuple(f"upscore_{s}" for s in ("fr",) + skips)
     aligned = backbone.input_multiple > 1
 
     def upsampler(factor_fraction):
@@ -69,7 +82,7 @@ class FCN(nnx.Module):
 
     final = backbone.final_stage
     self.score_fr = ScoreHead(backbone.feature_channels[final], num_classes,
-                              zero_init=zero_init_scores, dtype=dtype, rngs=rngs)
+                              zero_init=zero_init_scores, dtype=dtype, ops=self.ops, rngs=rngs)
     heads, ups, offsets = [], [], []
     current = backbone.coord_maps[final]
     for name, scale in zip(skips, skip_scales):
@@ -79,7 +92,7 @@ class FCN(nnx.Module):
       offsets.append(geometry.crop_offset(target, current))
       ups.append(up)
       heads.append(ScoreHead(backbone.feature_channels[name], num_classes, input_scale=scale,
-                             zero_init=zero_init_scores, dtype=dtype, rngs=rngs))
+                             zero_init=zero_init_scores, dtype=dtype, ops=self.ops, rngs=rngs))
     self.score_skips = nnx.List(heads)
     self.upscore_skips = nnx.List(ups)
     self.upscore_final = upsampler(1 / current.scale)
@@ -91,13 +104,42 @@ class FCN(nnx.Module):
   def output_stride(self) -> int:
     return self.upscore_final.factor
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """(N, H, W, C_in) preprocessed float -> (N, H, W, num_classes) logits."""
+  def layer_modules(self) -> dict[str, tuple[nnx.Module, ...]]:
+    """The modules with parameters behind each intermediate of ``__call__``, by name.
+
+    Every parameter of the model belongs to exactly one entry (the backbone's included, when it
+    has ``layer_modules``).
+    """
+    mods = dict(self.backbone.layer_modules()) if hasattr(self.backbone, "layer_modules") else {}
+    mods["score_fr"] = (self.score_fr,)
+    ups = list(self.upscore_skips) + [self.upscore_final]
+    for i, (up_name, up) in enumerate(zip(self.upscore_names, ups)):
+      mods[up_name] = (up,)
+      if i < len(self.skips):
+        mods[f"score_{self.skips[i]}"] = (self.score_skips[i],)
+    return mods
+
+  def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
+    """(N, H, W, C_in) preprocessed float -> (N, H, W, num_classes) logits.
+
+    With ``return_intermediates=True``: ``(logits, out)``, ``out`` an ordered dict of the
+    forward's named intermediates in the order computed: ``pad`` (aligned variant only), the
+    backbone's (``conv1_1`` … ``pool5``, ``fc6``, ``fc7`` for VGG; the backbone must then accept
+    ``return_intermediates``, see :mod:`fcnjax.models.vgg`),
+    ``score_fr``, then per skip ``upscore_<source>``, ``score_<skip>``, ``fuse_<skip>``, then
+    the final ``upscore_<source>`` and ``crop`` (the logits). Recording them adds no operation.
+    """
+    out = collections.OrderedDict()
     h, w = x.shape[1], x.shape[2]
     m = self.backbone.input_multiple
     if m > 1:  # aligned variant: pad bottom/right to a multiple of the total stride
       x = jnp.pad(x, ((0, 0), (0, -h % m), (0, -w % m), (0, 0)))
-    feats = self.backbone(x)
+      out["pad"] = x
+    if return_intermediates:
+      feats, backbone_out = self.backbone(x, return_intermediates=True)
+      out.update(backbone_out)
+    else:
+      feats = self.backbone(x)
     final = feats[self.backbone.final_stage]
     if final.shape[1] < 1 or final.shape[2] < 1:
       raise ValueError(
@@ -105,67 +147,40 @@ class FCN(nnx.Module):
           f"is empty ({final.shape[1]}x{final.shape[2]}); floor pooling shrinks maps where the "
           "reference's ceil pooling does not")
     scores = self.score_fr(final)
-    for name, up, head, offset in zip(self.skips, self.upscore_skips, self.score_skips,
-                                      self.skip_offsets):
-      scores = fuse(up(scores), head(feats[name]), offset)
+    out["score_fr"] = scores
+    for name, up_name, up, head, offset in zip(self.skips, self.upscore_names, self.upscore_skips,
+                                               self.score_skips, self.skip_offsets):
+      scores = up(scores)
+      out[up_name] = scores
+      skip_scores = head(feats[name])
+      out[f"score_{name}"] = skip_scores
+      scores = fuse(scores, skip_scores, offset)
+      out[f"fuse_{name}"] = scores
     scores = self.upscore_final(scores)
-    return crop(scores, self.final_offset, h, w)
+    out[self.upscore_names[-1]] = scores
+    logits = crop(scores, self.final_offset, h, w)
+    out["crop"] = logits
+    return (logits, out) if return_intermediates else logits
 
 
-SKIPS_BY_STRIDE = {32: (), 16: ("pool4",), 8: ("pool4", "pool3"), 4: ("pool4", "pool3", "pool2"),
-                   2: ("pool4", "pool3", "pool2", "pool1")}
-
-
-def fcn_vgg16(num_classes: int = 21, stride: int = 8, *, width_multiplier: float = 1.0,
-              aligned: bool = False, pool: str = "ceil", skip_scales=None,
-              learnable_upsampling: bool = False, zero_init_scores: bool = True,
-              batch_norm: bool = False, dtype=None, rngs: nnx.Rngs) -> FCN:
-  """A VGG16 FCN with output stride 32, 16, 8, 4 or 2 (skips from pool4, pool3, pool2, pool1).
+def fcn_vgg16(num_classes: int = 21, skips: Sequence[str] = ("pool4", "pool3"), *,
+              skip_scales: Sequence[float | None] | None = None, width_multiplier: float = 1.0,
+              aligned: bool = False, pool: str = "ceil", learnable_upsampling: bool = False,
+              zero_init_scores: bool = True, batch_norm: bool = False, dtype=None,
+              ops: str = "auto", rngs: nnx.Rngs) -> FCN:
+  """An FCN on the VGG16 backbone with the given skip stages (coarse to fine, from ``pool4``,
+  ``pool3``, ``pool2``, ``pool1``); the named variants are in :mod:`fcnjax.models.registry`.
 
   ``width_multiplier`` scales every VGG width including fc6/fc7 (1/8 gives a 2.1M-parameter
-  FCN-8s for CPU work); ``aligned=True`` drops the pad-100 trick (see :mod:`fcnjax.models.vgg`).
+  FCN-8s for CPU work); ``aligned=True`` drops the pad-100 trick (see :mod:`fcnjax.models.vgg`);
+  ``ops`` (``"auto"``, ``"cpu"``, ``"lax"``) is resolved once and used by backbone and heads.
   """
-  if stride not in SKIPS_BY_STRIDE:
-    raise ValueError(f"stride must be one of {sorted(SKIPS_BY_STRIDE)}, got {stride}")
+  ops = cpu_ops.resolve_ops(ops)
   backbone = VGG(width_multiplier=width_multiplier, aligned=aligned, pool=pool,
-                 batch_norm=batch_norm, dtype=dtype, rngs=rngs)
-  return FCN(backbone, num_classes, SKIPS_BY_STRIDE[stride], skip_scales=skip_scales,
+                 batch_norm=batch_norm, dtype=dtype, ops=ops, rngs=rngs)
+  return FCN(backbone, num_classes, skips, skip_scales=skip_scales,
              learnable_upsampling=learnable_upsampling, zero_init_scores=zero_init_scores,
-             dtype=dtype, rngs=rngs)
-
-
-def fcn32s(num_classes: int = 21, *, rngs: nnx.Rngs, **kwargs) -> FCN:
-  """FCN-32s (VGG16): score fc7, upsample ×32 (kernel 64), crop at 19. See :func:`fcn_vgg16`."""
-  return fcn_vgg16(num_classes, 32, rngs=rngs, **kwargs)
-
-
-def fcn16s(num_classes: int = 21, *, rngs: nnx.Rngs, **kwargs) -> FCN:
-  """FCN-16s (VGG16): fuse pool4 (crop 5), upsample ×16 (kernel 32), crop at 27."""
-  return fcn_vgg16(num_classes, 16, rngs=rngs, **kwargs)
-
-
-def fcn8s(num_classes: int = 21, *, rngs: nnx.Rngs, **kwargs) -> FCN:
-  """FCN-8s (VGG16): fuse pool4 (crop 5) and pool3 (crop 9), upsample ×8, crop at 31."""
-  return fcn_vgg16(num_classes, 8, rngs=rngs, **kwargs)
-
-
-def fcn8s_atonce(num_classes: int = 21, *, rngs: nnx.Rngs, **kwargs) -> FCN:
-  """At-once FCN-8s: as FCN-8s, with pool4 scaled ×0.01 and pool3 ×0.0001 before scoring."""
-  return fcn_vgg16(num_classes, 8, skip_scales=(0.01, 0.0001), rngs=rngs, **kwargs)
-
-
-def fcn4s(num_classes: int = 21, *, rngs: nnx.Rngs, **kwargs) -> FCN:
-  """FCN-4s (VGG16): FCN-8s plus a pool2 skip."""
-  return fcn_vgg16(num_classes, 4, rngs=rngs, **kwargs)
-
-
-def fcn2s(num_classes: int = 21, *, rngs: nnx.Rngs, **kwargs) -> FCN:
-  """FCN-2s (VGG16): FCN-4s plus a pool1 skip."""
-  return fcn_vgg16(num_classes, 2, rngs=rngs, **kwargs)
-
-
-MODELS = {"fcn32s": fcn32s, "fcn16s": fcn16s, "fcn8s": fcn8s, "fcn8s-atonce": fcn8s_atonce,
-          "fcn4s": fcn4s, "fcn2s": fcn2s}
+             dtype=dtype, ops=ops, rngs=rngs)
 
 
 def count_params(model: nnx.Module, variable_type=nnx.Param) -> int:

@@ -3,7 +3,7 @@
 Every layer of an FCN maps input coordinates to output coordinates by an affine map
 ``out = scale * in + shift`` (in pixels of the respective grids, measured at pixel centres).
 The maps are exact rationals (``fractions.Fraction``), following the Caffe reference's
-``coord_map.py``:
+``coord_map`` module (``python/caffe/coord_map.py`` in BVLC/caffe):
 
 * convolution / pooling with kernel ``k``, stride ``s``, padding ``p``:
   ``out = in / s + (p - (k - 1) / 2) / s``

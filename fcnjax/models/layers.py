@@ -2,6 +2,8 @@
 
 * :class:`ConvBlock` — VGG-style ``n × (3×3 conv + ReLU)`` then a 2×2/2 max-pool (ceil or floor).
 * :class:`ScoreHead` — 1×1 conv to ``num_classes`` (zero-initialised, as the reference).
+* :func:`max_pool_2x2_for` / :func:`conv_general_dilated_for` — the op implementations a module
+  stores for its ``ops`` choice (``"auto"``, ``"cpu"``, ``"lax"``; see :mod:`fcnjax.models.cpu_ops`).
 * :class:`BilinearUpsample` — transposed conv by an integer factor, bilinear-initialised.
 * :func:`crop` / :func:`fuse` — crop a score map at an offset, and crop-then-sum skip fusion.
 
@@ -11,6 +13,7 @@ offsets from the layers themselves.
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Sequence
 
@@ -22,31 +25,53 @@ from flax import nnx
 from fcnjax.models import cpu_ops, geometry
 
 
+def _check_rounding(rounding: str) -> None:
+  if rounding not in ("ceil", "floor"):
+    raise ValueError(f"rounding must be 'ceil' or 'floor', got {rounding!r}")
+
+
 def max_pool_2x2(x: jax.Array, rounding: str = "ceil") -> jax.Array:
-  """2×2 max-pool, stride 2, on NHWC ``x``.
+  """2×2 max-pool, stride 2, on NHWC ``x``, as a plain ``lax.reduce_window`` (``ops="lax"``).
 
   ``rounding="ceil"`` is Caffe's pooling: an odd H (or W) gives ``(H + 1) // 2`` rows, the last
   window seeing one real row (implemented by padding −inf at the bottom/right).
   ``rounding="floor"`` is Flax/PyTorch's default (``H // 2``; the last odd row is dropped).
-
-  On the CPU (:func:`fcnjax.models.cpu_ops.enabled`) this is a reshape + max with a mask
-  backward; elsewhere ``lax.reduce_window``. Both give the same values and gradients; in a tied
-  window the gradient goes to the first maximal element in row-major order.
+  In a tied window the gradient goes to the first maximal element in row-major order.
   """
-  if rounding not in ("ceil", "floor"):
-    raise ValueError(f"rounding must be 'ceil' or 'floor', got {rounding!r}")
-  if cpu_ops.enabled() and jnp.issubdtype(x.dtype, jnp.floating):
-    # Same numbers and the same gradient (ties included), without XLA:CPU's slow
-    # select-and-scatter backward; see fcnjax.models.cpu_ops.
-    return cpu_ops.max_pool_2x2(x, rounding)
-  return max_pool_2x2_reduce_window(x, rounding)
-
-
-def max_pool_2x2_reduce_window(x: jax.Array, rounding: str = "ceil") -> jax.Array:
-  """:func:`max_pool_2x2` as a plain ``lax.reduce_window`` (the path used off the CPU)."""
+  _check_rounding(rounding)
   h, w = x.shape[1], x.shape[2]
   pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0)) if rounding == "ceil" else "VALID"
   return jax.lax.reduce_window(x, np.array(-np.inf, x.dtype), jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), pad)
+
+
+def max_pool_2x2_cpu(x: jax.Array, rounding: str = "ceil") -> jax.Array:
+  """:func:`max_pool_2x2` for ``ops="cpu"``: the same values and gradients (ties included).
+
+  Floating-point inputs go to :func:`fcnjax.models.cpu_ops.max_pool_2x2` (a reshape + max with
+  a mask backward, avoiding XLA:CPU's slow select-and-scatter); others to ``reduce_window``.
+  """
+  _check_rounding(rounding)
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    return cpu_ops.max_pool_2x2(x, rounding)
+  return max_pool_2x2(x, rounding)
+
+
+_MAX_POOLS = {"cpu": max_pool_2x2_cpu, "lax": max_pool_2x2}
+_CONVS = {"cpu": cpu_ops.conv_general_dilated, "lax": jax.lax.conv_general_dilated}
+
+
+def max_pool_2x2_for(ops: str):
+  """The 2×2/2 max-pool ``(x, rounding) -> y`` for ``ops`` (``"auto"``, ``"cpu"`` or ``"lax"``)."""
+  return _MAX_POOLS[cpu_ops.resolve_ops(ops)]
+
+
+def conv_general_dilated_for(ops: str):
+  """The ``conv_general_dilated`` for ``nnx.Conv`` under ``ops`` (``"auto"``, ``"cpu"``, ``"lax"``).
+
+  ``"cpu"``: :func:`fcnjax.models.cpu_ops.conv_general_dilated`, which routes only stride-1
+  non-3×3 convolutions to its custom-VJP conv and passes the rest to ``lax`` unchanged.
+  """
+  return _CONVS[cpu_ops.resolve_ops(ops)]
 
 
 def _bias_border(y: jax.Array, bias: jax.Array, extra: int) -> jax.Array:
@@ -58,9 +83,8 @@ def _bias_border(y: jax.Array, bias: jax.Array, extra: int) -> jax.Array:
   ``extra`` pixels of bias: (N, H + 2 + 2·extra, W + 2 + 2·extra, C). Same numbers as padding by
   p (to float rounding: the sums are the same terms) for (H + 2)(W + 2) instead of
   (H + 2p − 2)(W + 2p − 2) conv pixels (4.4× fewer at 160×192); the weight gradient sees only
-  the image region too. ÷8-width FCN-8s at 8×160×192 on CPU: conv1_1 forward 40 → 11 ms,
-  forward + backward 65 → 37 ms; at full width the stage is bound by writing its 64-channel
-  output and does not change (~44 ms forward, ~100 ms both ways).
+  the image region too. Used on every backend (it saves FLOPs everywhere); the CPU timings are
+  in ``benchmarks/RESULTS.md``.
   """
   n, h, w, c = y.shape
   hf, wf = h + 2 * extra, w + 2 * extra
@@ -83,20 +107,29 @@ class ConvBlock(nnx.Module):
     batch_norm: add BatchNorm after each conv.
     dropout: dropout rate after each ReLU (0 disables).
     dtype: computation dtype (parameters stay float32).
+    ops: the max-pool implementation, ``"cpu"`` (:func:`max_pool_2x2_cpu`), ``"lax"``
+      (:func:`max_pool_2x2`) or ``"auto"`` (by JAX's default backend), resolved here and stored
+      as ``self.ops`` / ``self.max_pool``. The 3×3 convs use ``lax`` either way.
 
   Input (N, H, W, in_features) -> output (N, H', W', features[-1]) with H' = ceil(H'' / 2) for
   ceil pooling, where H'' = H + 2 * (first_padding - 1) is the conv stack's output height.
+  ``block(x, return_intermediates=True)`` returns ``(y, out)``, ``out`` an ordered dict of what
+  each layer passes on: ``"conv1"``, ``"conv2"``, ... and ``"pool"``.
   """
 
   def __init__(self, in_features: int, features: Sequence[int], *, first_padding: int = 1,
                pool: str | None = "ceil", batch_norm: bool = False, dropout: float = 0.0,
-               dtype=None, rngs: nnx.Rngs):
+               dtype=None, ops: str = "auto", rngs: nnx.Rngs):
+    if pool is not None:
+      _check_rounding(pool)
     self.pool = pool
     self.first_padding = first_padding
+    self.ops = cpu_ops.resolve_ops(ops)
+    self.max_pool = max_pool_2x2_for(self.ops)
     convs, norms = [], []
     c = in_features
     for i, f in enumerate(features):
-      # A first padding above 2 is mostly applied after the conv (see ``stages``).
+      # A first padding above 2 is mostly applied after the conv (see ``__call__``).
       p = min(first_padding, 1) if i == 0 else 1
       convs.append(nnx.Conv(c, f, (3, 3), padding=((p, p), (p, p)), dtype=dtype, rngs=rngs))
       if batch_norm:
@@ -115,12 +148,18 @@ class ConvBlock(nnx.Module):
       maps.append(geometry.conv_map(2, 2, 0))
     return geometry.compose(*maps)
 
-  def stages(self, x: jax.Array):
-    """Yield ``(name, output)`` after each conv (``"conv1"``, ...) and after the pool (``"pool"``)."""
+  def layer_modules(self) -> dict[str, tuple[nnx.Module, ...]]:
+    """The modules with parameters behind each intermediate: ``{"conv1": (conv, [norm]), ...}``."""
+    norms = self.norms if self.norms is not None else [None] * len(self.convs)
+    return {f"conv{i + 1}": tuple(m for m in (conv, norm) if m is not None)
+            for i, (conv, norm) in enumerate(zip(self.convs, norms))}
+
+  def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
+    out = collections.OrderedDict()
     if self.first_padding >= 2:
       # Padding 2 as an explicit pad of 1 plus the conv's own 1: the same numbers, but with
-      # padding inside the op XLA:CPU's weight-gradient convolution is pathologically slow
-      # (conv1_1 at 500×375 with padding 2 in the op: 1.2 s forward + backward; this way 0.1 s).
+      # padding inside the op XLA:CPU's weight-gradient convolution is very slow (see
+      # benchmarks/RESULTS.md).
       x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     for i, conv in enumerate(self.convs):
       x = conv(x)
@@ -131,15 +170,11 @@ class ConvBlock(nnx.Module):
       x = jax.nn.relu(x)
       if self.dropout is not None:
         x = self.dropout(x)
-      yield f"conv{i + 1}", x
+      out[f"conv{i + 1}"] = x
     if self.pool is not None:
-      x = max_pool_2x2(x, self.pool)
-      yield "pool", x
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    for _, x in self.stages(x):
-      pass
-    return x
+      x = self.max_pool(x, self.pool)
+      out["pool"] = x
+    return (x, out) if return_intermediates else x
 
 
 class ScoreHead(nnx.Module):
@@ -147,15 +182,18 @@ class ScoreHead(nnx.Module):
 
   Zero-initialised by default, as the reference's score layers. ``input_scale`` multiplies the
   input first by a fixed constant (the at-once FCN-8s uses 0.01 for pool4 and 0.0001 for pool3).
+  ``ops`` (``"auto"``, ``"cpu"`` or ``"lax"``) picks the convolution
+  (:func:`conv_general_dilated_for`), resolved here and stored as ``self.ops``.
   Input (N, H, W, in_features) -> (N, H, W, num_classes).
   """
 
   def __init__(self, in_features: int, num_classes: int, *, input_scale: float | None = None,
-               zero_init: bool = True, dtype=None, rngs: nnx.Rngs):
+               zero_init: bool = True, dtype=None, ops: str = "auto", rngs: nnx.Rngs):
     init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
     self.input_scale = input_scale
+    self.ops = cpu_ops.resolve_ops(ops)
     self.conv = nnx.Conv(in_features, num_classes, (1, 1), padding="VALID", kernel_init=init,
-                         conv_general_dilated=cpu_ops.conv_general_dilated,
+                         conv_general_dilated=conv_general_dilated_for(self.ops),
                          dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -202,8 +240,9 @@ def transposed_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int =
 
   For FCN's ``k == 2s`` every output pixel receives exactly 2×2 input pixels, so the op is
   computed as a 2×2 convolution to ``s·s·Cout`` channels followed by depth-to-space (sub-pixel
-  form): the FLOPs of the scatter, none of the zeros of the dilated-input form, which XLA:CPU
-  runs 5-10× slower. Other kernel sizes use the dilated-input convolution.
+  form): the FLOPs of the scatter, none of the multiplications by the zeros of the dilated-input
+  form (which spends most of its work on them; XLA:CPU's timings of both are in
+  ``benchmarks/RESULTS.md``). Other kernel sizes use the dilated-input convolution.
   """
   k = kernel.shape[0]
   if k != 2 * stride:
@@ -234,8 +273,8 @@ def bilinear_upsample_1d(x: jax.Array, factor: int, axis: int, padding: int = 0)
 
   Forward and backward are written as sums of ``s`` scalar-weighted slices, so XLA fuses each
   into one elementwise pass. (Differentiating the broadcast-multiply form made XLA:CPU
-  materialise the kernel broadcast to the full (N, H+1, s, W, C) shape in both passes: ~60 ms of
-  a 0.54 s ÷8-width FCN-8s step.) The backward is the matching 1-D "downsample":
+  materialise the kernel broadcast to the full (N, H+1, s, W, C) shape in both passes; its cost
+  is in ``benchmarks/RESULTS.md``.) The backward is the matching 1-D "downsample":
   ``dx[q] = sum_r g[s*q + r] k[r] + sum_r g[s*(q+1) + r] k[r + s]``.
   """
   k1 = bilinear_kernel_1d(factor)

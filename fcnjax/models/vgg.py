@@ -12,19 +12,23 @@ but the reference weights are trained for the exact variant.
 A backbone is any NNX module with this protocol, which :class:`~fcnjax.models.fcn.FCN` consumes:
 
 * ``__call__(x) -> dict[str, Array]``: named feature maps (``"pool1"`` … ``"pool5"``, ``"fc7"``).
+  Optionally ``__call__(x, return_intermediates=True) -> (features, out)``, ``out`` an ordered
+  dict of per-layer outputs, and ``layer_modules()`` naming the modules behind them (used by
+  ``FCN(..., return_intermediates=True)`` and :mod:`fcnjax.models.summary`).
 * ``feature_channels: dict[str, int]`` and ``coord_maps: dict[str, CoordMap]`` (image -> map).
 * ``final_stage: str`` (the map FCN scores first) and ``input_multiple: int``.
 """
 
 from __future__ import annotations
 
+import collections
 from typing import Sequence
 
 import jax
 from flax import nnx
 
 from fcnjax.models import cpu_ops, geometry
-from fcnjax.models.layers import ConvBlock
+from fcnjax.models.layers import ConvBlock, conv_general_dilated_for
 
 VGG16_DEPTHS = (2, 2, 3, 3, 3)
 VGG16_WIDTHS = (64, 128, 256, 512, 512)
@@ -50,16 +54,23 @@ class VGG(nnx.Module):
     dropout: dropout rate after fc6 and fc7 (reference 0.5).
     in_features: input channels (3).
     dtype: computation dtype, e.g. ``jnp.bfloat16`` (parameters stay float32).
+    ops: ``"cpu"``, ``"lax"`` or ``"auto"`` (by JAX's default backend): the implementation of
+      the max-pools and of fc6/fc7's convolution (:mod:`fcnjax.models.cpu_ops`), resolved here
+      and stored as ``self.ops``.
 
   Input (N, H, W, in_features) float -> dict of feature maps; with ``aligned=False`` and an
   H×W input, ``pool5`` is ceil((H + 198) / 32) high and ``fc7`` 6 less.
+  ``vgg(x, return_intermediates=True)`` returns ``(features, out)``: ``out`` is an ordered dict
+  of each layer's output as passed on (``conv1_1`` … ``conv5_3``, ``pool1`` … ``pool5``,
+  ``fc6``, ``fc7``; after ReLU and dropout).
   """
 
   def __init__(self, *, depths: Sequence[int] = VGG16_DEPTHS,
                widths: Sequence[int] = VGG16_WIDTHS, fc_width: int = VGG16_FC_WIDTH,
                width_multiplier: float = 1.0, aligned: bool = False, pool: str = "ceil",
                batch_norm: bool = False, dropout: float = 0.5, in_features: int = 3,
-               dtype=None, rngs: nnx.Rngs):
+               dtype=None, ops: str = "auto", rngs: nnx.Rngs):
+    self.ops = cpu_ops.resolve_ops(ops)
     widths = [scale_width(w, width_multiplier) for w in widths]
     fc_width = scale_width(fc_width, width_multiplier)
     self.aligned = aligned
@@ -69,16 +80,18 @@ class VGG(nnx.Module):
     for i, (d, w) in enumerate(zip(depths, widths)):
       first_padding = 100 if (i == 0 and not aligned) else 1
       blocks.append(ConvBlock(c, [w] * d, first_padding=first_padding, pool=pool,
-                              batch_norm=batch_norm, dtype=dtype, rngs=rngs))
+                              batch_norm=batch_norm, dtype=dtype, ops=self.ops, rngs=rngs))
       c = w
     self.blocks = nnx.List(blocks)
     fc6_pad = 3 if aligned else 0
-    # fc6 / fc7 take cpu_ops' convolution: on the CPU its input gradient is a matrix product
-    # (XLA:CPU's own for fc6 is ~5x slower at full width, ~150x at ÷8; see cpu_ops).
+    # With ops="cpu", fc6 / fc7 take cpu_ops' convolution, whose input gradient is a matrix
+    # product: XLA:CPU lowers fc6's input gradient with the cotangent as the window, which is
+    # slow (see cpu_ops and benchmarks/RESULTS.md).
+    conv = conv_general_dilated_for(self.ops)
     self.fc6 = nnx.Conv(c, fc_width, (7, 7), padding=((fc6_pad, fc6_pad),) * 2, dtype=dtype,
-                        conv_general_dilated=cpu_ops.conv_general_dilated, rngs=rngs)
+                        conv_general_dilated=conv, rngs=rngs)
     self.fc7 = nnx.Conv(fc_width, fc_width, (1, 1), padding="VALID", dtype=dtype,
-                        conv_general_dilated=cpu_ops.conv_general_dilated, rngs=rngs)
+                        conv_general_dilated=conv, rngs=rngs)
     self.drop6 = nnx.Dropout(dropout, rngs=rngs)
     self.drop7 = nnx.Dropout(dropout, rngs=rngs)
 
@@ -92,18 +105,36 @@ class VGG(nnx.Module):
     maps["fc7"] = m.then(geometry.conv_map(7, 1, fc6_pad)).then(geometry.conv_map(1, 1, 0))
     self.coord_maps = maps
 
-  def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
-    feats = {}
+  def layer_modules(self) -> dict[str, tuple[nnx.Module, ...]]:
+    """The modules with parameters behind each of ``__call__``'s intermediates (by name)."""
+    mods = {}
     for i, block in enumerate(self.blocks):
-      x = block(x)
+      mods |= {_layer_name(i, k): v for k, v in block.layer_modules().items()}
+    return mods | {"fc6": (self.fc6,), "fc7": (self.fc7,)}
+
+  def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
+    feats, out = {}, collections.OrderedDict()
+    for i, block in enumerate(self.blocks):
+      x, block_out = block(x, return_intermediates=True)
+      out.update((_layer_name(i, k), v) for k, v in block_out.items())
       feats[f"pool{i + 1}"] = x
     x = self.drop6(jax.nn.relu(self.fc6(x)))
+    out["fc6"] = x
     x = self.drop7(jax.nn.relu(self.fc7(x)))
+    out["fc7"] = x
     feats["fc7"] = x
-    return feats
+    return (feats, out) if return_intermediates else feats
+
+
+def _layer_name(stage: int, block_name: str) -> str:
+  """The paper's name of a :class:`ConvBlock` intermediate: ``conv<s>_<i>`` or ``pool<s>``."""
+  if block_name == "pool":
+    return f"pool{stage + 1}"
+  return f"conv{stage + 1}_{block_name[len('conv'):]}"
 
 
 def vgg16(*, width_multiplier: float = 1.0, aligned: bool = False, pool: str = "ceil",
-          dtype=None, rngs: nnx.Rngs) -> VGG:
+          batch_norm: bool = False, dtype=None, ops: str = "auto", rngs: nnx.Rngs) -> VGG:
   """The reference FCN VGG16 backbone (134.3M parameters at full width with fc6/fc7)."""
-  return VGG(width_multiplier=width_multiplier, aligned=aligned, pool=pool, dtype=dtype, rngs=rngs)
+  return VGG(width_multiplier=width_multiplier, aligned=aligned, pool=pool,
+             batch_norm=batch_norm, dtype=dtype, ops=ops, rngs=rngs)

@@ -14,6 +14,8 @@ import numpy as np
 from flax import nnx
 
 from fcnjax import models
+from fcnjax.models import registry
+from fcnjax.models.registry import build_model
 from fcnjax.weights import io, layouts as L
 from fcnjax.weights.errors import LayoutError, WeightsError
 from fcnjax.weights.loading import (LoadReport, apply, default_preprocessing, _source,
@@ -95,17 +97,14 @@ def init_from(src, model, *, reinit_scores: bool = False, preprocessing=None) ->
 
 
 def model_name(model) -> str:
-  """``"vgg16"`` for a bare backbone, else the :data:`fcnjax.models.MODELS` name."""
+  """``"vgg16"`` for a bare backbone, else the model's name in :mod:`fcnjax.models.registry`."""
   if not L.is_fcn(model):
-    return "vgg16"
-  by_skips = {(): "fcn32s", ("pool4",): "fcn16s", ("pool4", "pool3"): "fcn8s",
-              ("pool4", "pool3", "pool2"): "fcn4s", ("pool4", "pool3", "pool2", "pool1"): "fcn2s"}
-  name = by_skips.get(tuple(model.skips))
-  if name is None:
+    return registry.BACKBONE
+  scaled = bool(model.skips) and model.score_skips[0].input_scale is not None
+  spec = registry.spec_for_fcn(model.skips, scaled)
+  if spec is None:
     raise WeightsError(f"no fcnjax model name for skips {model.skips}")
-  if name == "fcn8s" and model.score_skips[0].input_scale is not None:
-    name = "fcn8s-atonce"
-  return name
+  return spec.name
 
 
 def describe(model) -> dict[str, str]:
@@ -124,21 +123,20 @@ def describe(model) -> dict[str, str]:
   return meta
 
 
-def build_model(name: str, *, num_classes: int = 21, width_multiplier: float = 1.0,
-                aligned: bool = False, pool: str = "ceil", learnable_upsampling: bool = False,
-                seed: int = 0):
-  """Build the fcnjax model ``name`` (``vgg16`` or a :data:`fcnjax.models.MODELS` key)."""
-  rngs = nnx.Rngs(seed)
-  if name == "vgg16":
-    return models.vgg16(width_multiplier=width_multiplier, aligned=aligned, pool=pool, rngs=rngs)
-  if name not in models.MODELS:
-    raise WeightsError(f"unknown model {name!r}; expected 'vgg16' or one of {sorted(models.MODELS)}")
-  return models.MODELS[name](num_classes, width_multiplier=width_multiplier, aligned=aligned,
-                             pool=pool, learnable_upsampling=learnable_upsampling, rngs=rngs)
-
-
 def _model_from_file(tensors, metadata, layout, path, model_override=None, num_classes=None):
-  """``(builder, kwargs)``: how to build the model a file describes (see :func:`build_model`)."""
+  """The :func:`build_model` keyword arguments of the model a file describes."""
+  return _checked_name(_spec_from_file(tensors, metadata, layout, path, model_override,
+                                       num_classes))
+
+
+def _checked_name(spec: dict) -> dict:
+  if spec["name"] not in registry.SPECS:
+    raise WeightsError(f"unknown model {spec['name']!r}; expected 'vgg16' or one of "
+                       f"{sorted(models.MODELS)}")
+  return spec
+
+
+def _spec_from_file(tensors, metadata, layout, path, model_override, num_classes):
   if layout == L.FCNJAX:
     if "model" not in metadata:
       raise LayoutError(f"{path}: fcnjax file without metadata; pass model=...")
@@ -159,8 +157,7 @@ def _model_from_file(tensors, metadata, layout, path, model_override=None, num_c
   name = model_override or L.infer_pytorch_fcn_model(tensors, path)
   width = L.width_multiplier_of(tensors["conv1_1.weight"].shape[0])
   file_classes = int(tensors["score_fr.weight"].shape[0]) if "score_fr.weight" in tensors else 21
-  ups = [k for k in ("upscore.weight", "upscore2.weight", "upscore16.weight",
-                     "upscore_pool4.weight", "upscore8.weight") if k in tensors]
+  ups = [k for k in L.pytorch_fcn_upscore_keys() if k in tensors]
   from fcnjax.weights.loading import BILINEAR_ATOL
   learnable = any(not L.is_bilinear_deconv(tensors[k], BILINEAR_ATOL) for k in ups)
   return dict(name=name, num_classes=num_classes or file_classes, width_multiplier=width,
@@ -196,8 +193,9 @@ def _is_abstract(var) -> bool:
 
 
 def _build_and_load(spec: dict, tensors, layout, **apply_kwargs):
-  """``(model, report)``: build ``spec``'s model and load ``tensors``, skipping the random init when the file sets
-  every parameter (a full-width FCN's init takes ~12 s on 2 CPU cores; loading ~3 s).
+  """``(model, report)``: build ``spec``'s model and load ``tensors``, skipping the random init
+  when the file sets every parameter (a full-width FCN's random init takes several times as long
+  as loading it; see benchmarks/RESULTS.md).
 
   The model is first built abstractly (``nnx.eval_shape``) and loaded. If any parameter kept its
   initial value (e.g. zero score layers of an FCN built from a VGG16 file), the model is built

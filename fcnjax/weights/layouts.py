@@ -32,6 +32,7 @@ from typing import Iterable, Mapping
 import numpy as np
 from flax import nnx
 
+from fcnjax.models import registry
 from fcnjax.models.vgg import VGG
 from fcnjax.weights.errors import LayoutError
 
@@ -108,11 +109,16 @@ def upsamplers(model) -> list[tuple[str, object]]:
 def pytorch_fcn_upscore_names(model) -> list[str]:
   """pytorch-fcn's names for the model's upsampling layers, in :func:`upsamplers` order."""
   skips = tuple(model.skips)
-  names = {(): ["upscore"], ("pool4",): ["upscore2", "upscore16"],
-           ("pool4", "pool3"): ["upscore2", "upscore_pool4", "upscore8"]}
-  if skips not in names:
+  spec = registry.spec_for_fcn(skips, scaled=False)
+  if spec is None or spec.pytorch_fcn_upscore is None:
     raise LayoutError(f"pytorch-fcn has no model with skips {skips} (only FCN-32s/16s/8s)")
-  return names[skips]
+  return list(spec.pytorch_fcn_upscore)
+
+
+def pytorch_fcn_upscore_keys() -> list[str]:
+  """Every upsampling kernel key of pytorch-fcn's FCNs (``upscore.weight``, ...), no repeats."""
+  names = [n for spec in registry.SPECS.values() for n in spec.pytorch_fcn_upscore or ()]
+  return [f"{n}.weight" for n in dict.fromkeys(names)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,20 +247,25 @@ def infer_layout(keys: Iterable[str], metadata: Mapping[str, str] | None = None)
 def infer_pytorch_fcn_model(keys: Iterable[str], path=None) -> str:
   """fcnjax model name for a pytorch-fcn file: from its upscore keys; ``vgg16`` if it has none.
 
-  FCN-8s and at-once FCN-8s have the same keys; a file name containing ``atonce`` (pytorch-fcn's
-  ``fcn8s-atonce_from_caffe.pth``) selects the latter, otherwise name the model explicitly.
+  The final upsampling layer's key names the model (``upscore8`` FCN-8s, ``upscore16`` FCN-16s,
+  ``upscore`` FCN-32s; the finest model wins). FCN-8s and at-once FCN-8s have the same keys; a
+  file name containing ``atonce`` (pytorch-fcn's ``fcn8s-atonce_from_caffe.pth``) selects the
+  latter, otherwise name the model explicitly.
   """
   keys = set(keys)
-  if "upscore8.weight" in keys:
+  specs = sorted((s for s in registry.SPECS.values() if s.pytorch_fcn_upscore is not None),
+                 key=lambda s: -len(s.skips))  # stable: a plain variant before its scaled one
+  found = [s for s in specs if f"{s.pytorch_fcn_upscore[-1]}.weight" in keys]
+  if found:
+    same = [s for s in found if s.pytorch_fcn_upscore == found[0].pytorch_fcn_upscore]
     name = os.path.basename(os.fspath(path)).lower() if path is not None else ""
-    return "fcn8s-atonce" if "atonce" in name.replace("-", "").replace("_", "") else "fcn8s"
-  if "upscore16.weight" in keys:
-    return "fcn16s"
-  if "upscore.weight" in keys:
-    return "fcn32s"
+    name = name.replace("-", "").replace("_", "")
+    tagged = [s for s in same[1:] if s.name.split("-", 1)[-1] in name]
+    return (tagged or same)[0].name
   if "score_fr.weight" in keys:
-    raise LayoutError("pytorch-fcn file has score_fr but no upscore/upscore16/upscore8 kernel")
-  return "vgg16"
+    finals = "/".join(dict.fromkeys(s.pytorch_fcn_upscore[-1] for s in reversed(specs)))
+    raise LayoutError(f"pytorch-fcn file has score_fr but no {finals} kernel")
+  return registry.BACKBONE
 
 
 def width_multiplier_of(conv1_out_channels: int) -> float:

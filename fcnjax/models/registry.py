@@ -1,0 +1,165 @@
+"""The named architectures, in one table: name -> constructor, skip stages, description, weights.
+
+Each entry of :data:`SPECS` is a :class:`ModelSpec`: the FCN variants ``fcn32s``, ``fcn16s``,
+``fcn8s``, ``fcn8s-atonce``, ``fcn4s``, ``fcn2s`` (VGG16 FCNs differing in their skip stages and
+skip scales) and the bare ``vgg16`` backbone. Everything that maps a name to an architecture
+reads this table: :func:`build_model` (training, the weights loader, the summary),
+:func:`spec_for_fcn` (a built model's name, for weight files' metadata) and the pytorch-fcn
+layout (its upsampling layer names; ``None`` where pytorch-fcn has no such model).
+
+    model = build_model("fcn8s", 21, width_multiplier=1 / 8, aligned=True, seed=0)
+    for name, description in model_names().items(): ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from flax import nnx
+
+from fcnjax.models.fcn import FCN, fcn_vgg16
+from fcnjax.models.vgg import vgg16
+
+BACKBONE = "vgg16"
+"""The name of the bare VGG16 backbone (no score layers)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """One named architecture.
+
+  Attributes:
+    name: the registry key, e.g. ``"fcn8s-atonce"``.
+    constructor: ``constructor(num_classes=21, *, rngs, **options) -> FCN`` for an FCN (the
+      options of :func:`~fcnjax.models.fcn.fcn_vgg16`); :func:`~fcnjax.models.vgg.vgg16` (no
+      ``num_classes``) for the backbone.
+    description: one line, for listings (:func:`model_names`).
+    skips: skip stages, coarse to fine (``()`` for FCN-32s); ``None`` for the bare backbone.
+    skip_scales: fixed input scale per skip (at-once FCN-8s), or ``None`` for none.
+    pytorch_fcn_upscore: pytorch-fcn's names of the upsampling layers, coarse to fine, final
+      last; ``None`` where pytorch-fcn has no such model.
+  """
+
+  name: str
+  constructor: Callable[..., nnx.Module]
+  description: str
+  skips: tuple[str, ...] | None = None
+  skip_scales: tuple[float, ...] | None = None
+  pytorch_fcn_upscore: tuple[str, ...] | None = None
+
+  @property
+  def is_fcn(self) -> bool:
+    return self.skips is not None
+
+
+def _build_fcn(name: str, num_classes: int, rngs: nnx.Rngs, options: dict) -> FCN:
+  spec = SPECS[name]
+  options = {"skip_scales": spec.skip_scales} | options
+  return fcn_vgg16(num_classes, spec.skips, rngs=rngs, **options)
+
+
+def fcn32s(num_classes: int = 21, *, rngs: nnx.Rngs, **options) -> FCN:
+  """FCN-32s (VGG16): score fc7, upsample ×32 (kernel 64), crop at 19. Options: ``fcn_vgg16``'s."""
+  return _build_fcn("fcn32s", num_classes, rngs, options)
+
+
+def fcn16s(num_classes: int = 21, *, rngs: nnx.Rngs, **options) -> FCN:
+  """FCN-16s (VGG16): fuse pool4 (crop 5), upsample ×16 (kernel 32), crop at 27."""
+  return _build_fcn("fcn16s", num_classes, rngs, options)
+
+
+def fcn8s(num_classes: int = 21, *, rngs: nnx.Rngs, **options) -> FCN:
+  """FCN-8s (VGG16): fuse pool4 (crop 5) and pool3 (crop 9), upsample ×8, crop at 31."""
+  return _build_fcn("fcn8s", num_classes, rngs, options)
+
+
+def fcn8s_atonce(num_classes: int = 21, *, rngs: nnx.Rngs, **options) -> FCN:
+  """At-once FCN-8s: as FCN-8s, with pool4 scaled ×0.01 and pool3 ×0.0001 before scoring."""
+  return _build_fcn("fcn8s-atonce", num_classes, rngs, options)
+
+
+def fcn4s(num_classes: int = 21, *, rngs: nnx.Rngs, **options) -> FCN:
+  """FCN-4s (VGG16): FCN-8s plus a pool2 skip."""
+  return _build_fcn("fcn4s", num_classes, rngs, options)
+
+
+def fcn2s(num_classes: int = 21, *, rngs: nnx.Rngs, **options) -> FCN:
+  """FCN-2s (VGG16): FCN-4s plus a pool1 skip."""
+  return _build_fcn("fcn2s", num_classes, rngs, options)
+
+
+SPECS: dict[str, ModelSpec] = {s.name: s for s in (
+    ModelSpec("fcn32s", fcn32s, "FCN-32s: score fc7, upsample x32", skips=(),
+              pytorch_fcn_upscore=("upscore",)),
+    ModelSpec("fcn16s", fcn16s, "FCN-16s: fuse pool4, upsample x16", skips=("pool4",),
+              pytorch_fcn_upscore=("upscore2", "upscore16")),
+    ModelSpec("fcn8s", fcn8s, "FCN-8s: fuse pool4 and pool3, upsample x8",
+              skips=("pool4", "pool3"),
+              pytorch_fcn_upscore=("upscore2", "upscore_pool4", "upscore8")),
+    ModelSpec("fcn8s-atonce", fcn8s_atonce,
+              "at-once FCN-8s: FCN-8s with pool4 scaled x0.01 and pool3 x0.0001",
+              skips=("pool4", "pool3"), skip_scales=(0.01, 0.0001),
+              pytorch_fcn_upscore=("upscore2", "upscore_pool4", "upscore8")),
+    ModelSpec("fcn4s", fcn4s, "FCN-4s: FCN-8s plus a pool2 skip, upsample x4",
+              skips=("pool4", "pool3", "pool2")),
+    ModelSpec("fcn2s", fcn2s, "FCN-2s: FCN-4s plus a pool1 skip, upsample x2",
+              skips=("pool4", "pool3", "pool2", "pool1")),
+    ModelSpec(BACKBONE, vgg16, "the VGG16 backbone alone (conv1_1 ... fc7, no score layers)"),
+)}
+
+MODELS: dict[str, Callable[..., FCN]] = {s.name: s.constructor for s in SPECS.values() if s.is_fcn}
+"""FCN name -> constructor ``(num_classes, *, rngs, width_multiplier=..., aligned=..., ...)``."""
+
+
+def model_names() -> dict[str, str]:
+  """``{name: one-line description}`` of every registered architecture, in registry order."""
+  return {name: spec.description for name, spec in SPECS.items()}
+
+
+def get_spec(name: str) -> ModelSpec:
+  """The :class:`ModelSpec` of ``name``; ``ValueError`` listing the known names otherwise."""
+  if name not in SPECS:
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(SPECS)}")
+  return SPECS[name]
+
+
+def spec_for_fcn(skips, scaled: bool) -> ModelSpec | None:
+  """The FCN spec with these skip stages (``scaled``: whether the skips have input scales).
+
+  Where only one spec has these skips it is returned whatever ``scaled`` says; ``None`` if no
+  spec has them.
+  """
+  same = [s for s in SPECS.values() if s.is_fcn and s.skips == tuple(skips)]
+  if not same:
+    return None
+  return next((s for s in same if (s.skip_scales is not None) == scaled), same[0])
+
+
+def build_model(name: str, num_classes: int = 21, *, width_multiplier: float = 1.0,
+                aligned: bool = False, pool: str = "ceil", learnable_upsampling: bool = False,
+                batch_norm: bool = False, dtype=None, ops: str = "auto", seed: int = 0,
+                rngs: nnx.Rngs | None = None) -> nnx.Module:
+  """Build the registered architecture ``name`` (see :func:`model_names`).
+
+  Args:
+    name: a key of :data:`SPECS` (``"fcn8s"``, ..., or ``"vgg16"`` for the bare backbone).
+    num_classes: output classes of an FCN (ignored for the backbone).
+    width_multiplier, aligned, pool, batch_norm: the VGG16 backbone's options
+      (:class:`~fcnjax.models.vgg.VGG`).
+    learnable_upsampling: learn the transposed convs (FCNs only; ignored for the backbone).
+    dtype: computation dtype (parameters stay float32).
+    ops: ``"auto"``, ``"cpu"`` or ``"lax"`` (:mod:`fcnjax.models.cpu_ops`).
+    seed: with ``rngs=None``, parameters come from ``nnx.Rngs(params=seed, dropout=seed + 1)``.
+    rngs: the RNG streams to use instead.
+
+  Raises ``ValueError`` for an unknown name (listing the known ones) or ``ops`` value.
+  """
+  spec = get_spec(name)
+  if rngs is None:
+    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+  options = dict(width_multiplier=width_multiplier, aligned=aligned, pool=pool,
+                 batch_norm=batch_norm, dtype=dtype, ops=ops, rngs=rngs)
+  if not spec.is_fcn:
+    return spec.constructor(**options)
+  return spec.constructor(num_classes, learnable_upsampling=learnable_upsampling, **options)
