@@ -2,9 +2,12 @@
 
 Modules (each one job):
   * :mod:`~fcnjax.data.palette` - VOC class names, VOC palette, pixel-format conversion.
-  * :mod:`~fcnjax.data.readers` - VOC 2012 / SBD / SegmentationClassAug / folder sources.
+  * :mod:`~fcnjax.data.readers` - VOC 2012 / SBD / SegmentationClassAug / Oxford-IIIT Pets /
+    image-folder sources (mask value modes index, binary, trimap, palette), subsets and splits.
   * :mod:`~fcnjax.data.validation` - error policy (``on_error="raise"|"skip"``) and reports.
-  * :mod:`~fcnjax.data.synthetic` - a built-in VOC-layout dataset written to disk.
+  * :mod:`~fcnjax.data.synthetic` - built-in datasets written to disk: VOC layout
+    (``ensure_builtin_dataset``), grey images + binary masks in folders (``ensure_builtin_folder``),
+    an Oxford-IIIT Pets lookalike (``ensure_builtin_pets``).
   * :mod:`~fcnjax.data.buckets` - bucket-shape planner (min padded area), batch sizes.
   * :mod:`~fcnjax.data.augment` - flip / scale / colour jitter, deterministic per (seed, epoch, index).
   * :mod:`~fcnjax.data.pipeline` - per-epoch plans and the Grain train / eval loaders.
@@ -24,10 +27,14 @@ Typical use (see :mod:`fcnjax.data.pipeline` for the batch format and checkpoint
 """
 
 from fcnjax.data.palette import IGNORE, NUM_VOC_CLASSES, VOC_CLASSES, VOC_PALETTE, colorize
-from fcnjax.data.readers import (BINARY_MAP, PETS_TRIMAP, SegmentationSource, folder_source,
-                                 open_source, sbd_source, voc_aug_source, voc_source)
+from fcnjax.data.readers import (BINARY_MAP, MASK_VALUES, PETS_CLASSES, PETS_TRIMAP,
+                                 SegmentationSource, folder_source, open_source, pets_source,
+                                 sbd_source, scan_mask_values, split_by_fraction, voc_aug_source,
+                                 voc_source)
 from fcnjax.data.validation import DataError, ErrorReport
 from fcnjax.data.augment import Augment
 from fcnjax.data.buckets import BucketPlan, batch_sizes, plan_buckets
 from fcnjax.data.pipeline import Loader, make_eval_loader, make_loader, make_train_loader
-from fcnjax.data.synthetic import ensure_builtin_dataset, write_synthetic_voc
+from fcnjax.data.synthetic import (FolderDataset, ensure_builtin_dataset, ensure_builtin_folder,
+                                   ensure_builtin_pets, write_synthetic_folder,
+                                   write_synthetic_pets, write_synthetic_voc)

@@ -1,4 +1,5 @@
-"""Random-access segmentation readers: PASCAL VOC 2012, SBD, SegmentationClassAug, image folders.
+"""Random-access segmentation readers: PASCAL VOC 2012, SBD, SegmentationClassAug, Oxford-IIIT Pets,
+image folders.
 
 Every reader returns a :class:`SegmentationSource` (grain's ``RandomAccessDataSource`` protocol:
 ``len(src)``, ``src[i]``), which knows each example's size up front from the image *header*
@@ -16,9 +17,17 @@ Readers:
     ``cls/<id>.mat`` (``GTcls.Segmentation``).
   * :func:`voc_aug_source(root, split="train_aug")` - the common ``SegmentationClassAug`` PNG form
     (10,582 ids) next to ``JPEGImages``.
-  * :func:`folder_source(image_dir, label_dir, value_map=...)` - images and masks matched by stem,
-    with a mask value mapping (:data:`BINARY_MAP` for 0/255 masks, :data:`PETS_TRIMAP` for
-    Oxford-IIIT Pets trimaps).
+  * :func:`pets_source(root, split="trainval")` - Oxford-IIIT Pets ``images/<id>.jpg``,
+    ``annotations/trimaps/<id>.png``, ``annotations/{trainval,test}.txt``.
+  * :func:`folder_source(image_dir, label_dir, mask_values=...)` - images and masks matched by
+    stem, masks read as class ids (``"index"``), binary (``"binary"``: 0 / non-zero), Oxford
+    trimaps (``"trimap"``) or palette PNGs / palette-coloured RGB (``"palette"``); the number of
+    classes may be inferred from the mask values (:func:`scan_mask_values`).
+
+Every source has a ``palette`` ((256, 3) uint8, to colour class maps: the VOC palette unless the
+masks bring their own), ``class_names``, ``num_classes`` and ``num_classes_origin`` (how the number
+of classes was decided, in words). :meth:`SegmentationSource.subset` and :func:`split_by_fraction`
+make train / val views of one source without re-reading any file.
 
 Validation (see :mod:`fcnjax.data.validation`): missing files, unreadable headers and image/mask
 size mismatches (PNG masks) are found at construction; truncated pixel data, bad label values and
@@ -30,6 +39,9 @@ example (counted in ``src.report``) and decode-time problems give a fully-ignore
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
+import math
 import os
 import pathlib
 from importlib import resources
@@ -41,11 +53,31 @@ from PIL import Image
 from fcnjax.data import palette
 from fcnjax.data.validation import DataError, ErrorReport, Problem, check_policy, log
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+_palette_mod = palette  # the module, where a ``palette`` argument shadows its name
+
+
+def image_extensions() -> tuple:
+  """File name endings (lower case, with the dot) of every format this Pillow can *open*."""
+  Image.init()
+  return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items()
+                      if fmt in Image.OPEN))
+
+
+IMAGE_EXTS = image_extensions()
+"""Extensions :func:`folder_source` lists: all Pillow formats that can be opened."""
+MASK_VALUES = ("index", "binary", "trimap", "palette")
+"""The mask value modes of :func:`folder_source`."""
 BINARY_MAP = {0: 0, 255: 1}
-"""Binary masks stored as 0 / 255 -> background 0, foreground 1."""
+"""Binary masks stored as exactly 0 / 255 -> background 0, foreground 1 (``mask_values="binary"``
+accepts any non-zero value as foreground instead)."""
 PETS_TRIMAP = {1: 1, 2: 0, 3: 255}
 """Oxford-IIIT Pets trimaps: 1 pet -> 1, 2 background -> 0, 3 border -> ignore."""
+PETS_TRIMAP_3 = {1: 1, 2: 0, 3: 2}
+"""Oxford-IIIT Pets trimaps with the border as a class: 1 pet -> 1, 2 background -> 0, 3 -> 2."""
+PETS_CLASSES = ("background", "pet", "border")
+BINARY_CLASSES = ("background", "foreground")
+MAX_CLASSES = 255
+"""Class ids are 0..254 (labels are uint8, 255 = ignore)."""
 
 
 def _value_lut(value_map, num_classes):
@@ -62,6 +94,15 @@ def _value_lut(value_map, num_classes):
   return lut
 
 
+def _full_palette(pal) -> np.ndarray:
+  """A PIL ``getpalette()`` list (or an (n, 3) array) -> (256, 3) uint8, padded with VOC colours."""
+  out = palette.VOC_PALETTE.copy()
+  arr = np.asarray(pal, np.uint8).reshape(-1)
+  n = min(256, arr.size // 3)
+  out[:n] = arr[:3 * n].reshape(n, 3)
+  return out
+
+
 def read_mat_label(path) -> np.ndarray:
   """SBD ``cls/<id>.mat`` -> the ``GTcls.Segmentation`` array (H, W) int32."""
   mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
@@ -71,27 +112,44 @@ def read_mat_label(path) -> np.ndarray:
 class SegmentationSource:
   """Images + class-index masks, random access, sizes known from headers.
 
-  Attributes: ``ids`` (list of str), ``image_paths``, ``label_paths`` (lists of str), ``sizes``
-  ((N, 2) int32 height, width), ``num_classes``, ``class_names``, ``report`` (:class:`ErrorReport`).
+  Attributes: ``name``, ``ids`` (list of str), ``image_paths``, ``label_paths`` (lists of str),
+  ``sizes`` ((N, 2) int32 height, width), ``num_classes``, ``num_classes_origin`` (str: how
+  ``num_classes`` was decided), ``class_names`` (tuple or None), ``palette`` ((256, 3) uint8,
+  colours for class maps), ``mask_values`` (how stored mask values become classes: ``"index"``,
+  ``"binary"``, ``"trimap"``, ``"palette"`` or ``"value_map"``), ``value_map``, ``report``
+  (:class:`ErrorReport`).
+
+  ``mask_values``: ``"index"`` stored values are classes 0..C-1 and 255 (or ``value_map``'s keys
+  when one is given); ``"binary"`` 0 -> 0, any other value -> 1 (colour masks: any non-black
+  pixel); ``"palette"`` as ``"index"``, and RGB masks are read colour -> index through ``palette``
+  (exact colours only); ``"trimap"`` through ``value_map``.
   """
 
   def __init__(self, name, ids, image_paths, label_paths, *, num_classes=palette.NUM_VOC_CLASSES,
-               class_names=None, value_map=None, label_format="image", on_error="raise",
-               validate="header"):
+               class_names=None, value_map=None, mask_values="index", label_format="image",
+               palette=None, num_classes_origin=None, on_error="raise", validate="header"):
     check_policy(on_error)
     if validate not in ("header", "full"):
       raise ValueError(f"validate must be 'header' or 'full', got {validate!r}")
     if label_format not in ("image", "sbd_mat"):
       raise ValueError(f"label_format must be 'image' or 'sbd_mat', got {label_format!r}")
+    if mask_values not in MASK_VALUES + ("value_map",):
+      raise ValueError(f"mask_values must be one of {MASK_VALUES}, got {mask_values!r}")
+    if value_map is not None and mask_values == "index":
+      mask_values = "value_map"
+    if mask_values in ("trimap", "value_map") and value_map is None:
+      raise ValueError(f"mask_values={mask_values!r} needs a value_map")
     self.name = name
-    self.num_classes = int(num_classes)
-    self.class_names = tuple(class_names) if class_names is not None else None
-    self.value_map = dict(value_map) if value_map is not None else None
     self.label_format = label_format
+    self.mask_values = mask_values
+    self.value_map = dict(value_map) if value_map is not None else None
+    self.palette = _full_palette(_palette_mod.VOC_PALETTE if palette is None else palette)
+    self.palette.setflags(write=False)
     self.on_error = on_error
     self.report = ErrorReport(name)
-    self._lut = _value_lut(self.value_map, self.num_classes)
     self._warned = set()
+    self._set_classes(num_classes, class_names,
+                      num_classes_origin or f"given ({int(num_classes)} classes)")
     if not ids:
       raise DataError(f"{name}: empty split (no example ids)")
     keep_ids, keep_img, keep_lbl, sizes = [], [], [], []
@@ -99,8 +157,6 @@ class SegmentationSource:
       self.report.num_checked += 1
       try:
         hw = self._check_headers(eid, ip, lp)
-        if validate == "full":
-          self._decode(eid, ip, lp, hw)
       except DataError as e:
         if on_error == "raise":
           raise
@@ -110,13 +166,55 @@ class SegmentationSource:
       keep_img.append(str(ip))
       keep_lbl.append(str(lp))
       sizes.append(hw)
-    if self.report.problems:
-      log.warning("%s", self.report.summary())
-    if not keep_ids:
-      raise DataError(f"{name}: empty split (all {len(ids)} examples were skipped)\n"
-                      + self.report.summary())
     self.ids, self.image_paths, self.label_paths = keep_ids, keep_img, keep_lbl
     self.sizes = np.asarray(sizes, np.int32).reshape(-1, 2)
+    if validate == "full":
+      self.validate_full(log_summary=False)
+    if self.report.problems:
+      log.warning("%s", self.report.summary())
+    self._check_not_empty(len(ids))
+
+  def _check_not_empty(self, num_ids):
+    if not self.ids:
+      raise DataError(f"{self.name}: empty split (all {num_ids} examples were skipped)\n"
+                      + self.report.summary())
+
+  def _set_classes(self, num_classes, class_names, origin):
+    """Set the classes (and the value -> class table that depends on them)."""
+    num_classes = int(num_classes)
+    if not 1 <= num_classes <= MAX_CLASSES:
+      raise ValueError(f"num_classes must be in 1..{MAX_CLASSES}, got {num_classes}")
+    if class_names is not None and len(class_names) != num_classes:
+      raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+    self.num_classes = num_classes
+    self.class_names = tuple(class_names) if class_names is not None else None
+    self.num_classes_origin = origin
+    self._lut = (None if self.mask_values == "binary"
+                 else _value_lut(self.value_map, self.num_classes))
+    if self.mask_values == "palette":
+      packed = (self.palette.astype(np.int32) @ np.array([1 << 16, 1 << 8, 1], np.int32))
+      self._colour_keys, self._colour_index = np.unique(packed, return_index=True)
+
+  def validate_full(self, log_summary=True):
+    """Decode every example now; with ``on_error="skip"`` drop the ones that fail."""
+    keep = []
+    for i, (eid, ip, lp) in enumerate(zip(self.ids, self.image_paths, self.label_paths)):
+      try:
+        self._decode(eid, ip, lp, self.sizes[i])
+      except DataError as e:
+        if self.on_error == "raise":
+          raise
+        self.report.add(e.problem or Problem(eid, str(ip), "unknown", str(e)))
+        continue
+      keep.append(i)
+    if len(keep) < len(self.ids):
+      self.ids = [self.ids[i] for i in keep]
+      self.image_paths = [self.image_paths[i] for i in keep]
+      self.label_paths = [self.label_paths[i] for i in keep]
+      self.sizes = self.sizes[np.asarray(keep, np.int64)].reshape(-1, 2)
+      if log_summary:
+        log.warning("%s", self.report.summary())
+    self._check_not_empty(self.report.num_checked)
 
   # -- checks --------------------------------------------------------------------------------
   @staticmethod
@@ -144,6 +242,58 @@ class SegmentationSource:
         raise self._fail(eid, lp, "size_mismatch", f"mask is {lh}x{lw} (HxW), image is {h}x{w}")
     return (h, w)
 
+  def _read_raw_label(self, eid, lp):
+    """The stored mask values (H, W) int (palette mode: RGB colours already turned to indices)."""
+    try:
+      if self.label_format == "sbd_mat":
+        return read_mat_label(lp)
+      with Image.open(lp) as im:
+        im.load()
+        if im.mode in ("RGB", "RGBA") and self.mask_values in ("palette", "binary"):
+          rgb = np.asarray(im)[..., :3]
+        else:
+          return palette.label_to_array(im)
+    except Exception as e:
+      raise self._fail(eid, lp, "unreadable", f"cannot decode mask ({e})") from None
+    if self.mask_values == "binary":
+      return rgb.max(axis=-1).astype(np.int32)
+    return self._colours_to_indices(eid, lp, rgb)
+
+  def _colours_to_indices(self, eid, lp, rgb):
+    """RGB (H, W, 3) uint8 -> palette indices (H, W) int32; a colour not in the palette fails."""
+    packed = rgb.astype(np.int32) @ np.array([1 << 16, 1 << 8, 1], np.int32)
+    uniq, inv = np.unique(packed, return_inverse=True)
+    keys = self._colour_keys
+    pos = np.minimum(np.searchsorted(keys, uniq), len(keys) - 1)
+    unknown = keys[pos] != uniq
+    if unknown.any():
+      bad = [((int(c) >> 16) & 255, (int(c) >> 8) & 255, int(c) & 255) for c in uniq[unknown]]
+      npx = int(unknown[inv].sum())
+      more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+      raise self._fail(eid, lp, "bad_labels",
+                       f"RGB colour{'s' if len(bad) > 1 else ''} "
+                       f"{', '.join(map(str, bad[:5]))}{more} ({npx} pixels) not in the palette "
+                       f"(palette mode maps exact palette colours to their index)")
+    return self._colour_index[pos][inv].reshape(rgb.shape[:2]).astype(np.int32)
+
+  def _values_to_labels(self, eid, lp, raw):
+    """Stored values -> class labels uint8 (checks every value)."""
+    if self.mask_values == "binary":
+      if raw.min(initial=0) < 0:
+        raise self._fail(eid, lp, "bad_labels", "negative mask values")
+      return (raw != 0).astype(np.uint8)
+    if raw.min(initial=0) < 0 or raw.max(initial=0) > 65535:
+      raise self._fail(eid, lp, "bad_labels", "mask values outside 0..65535")
+    label = self._lut[raw]
+    if (label < 0).any():
+      bad = np.unique(raw[label < 0])[:10].tolist()
+      allowed = (sorted(self.value_map) if self.value_map is not None
+                 else f"0..{self.num_classes - 1} and 255")
+      mode = f" for {self.mask_values} masks" if self.mask_values != "value_map" else ""
+      raise self._fail(eid, lp, "bad_labels",
+                       f"mask values {bad} not allowed{mode} (allowed: {allowed})")
+    return label.astype(np.uint8)
+
   def _decode(self, eid, ip, lp, hw):
     """Full decode + checks: returns (image uint8 (H,W,3), label uint8 (H,W))."""
     try:
@@ -152,15 +302,7 @@ class SegmentationSource:
         image = palette.image_to_rgb(im)
     except Exception as e:
       raise self._fail(eid, ip, "unreadable", f"cannot decode image ({e})") from None
-    try:
-      if self.label_format == "sbd_mat":
-        raw = read_mat_label(lp)
-      else:
-        with Image.open(lp) as im:
-          im.load()
-          raw = palette.label_to_array(im)
-    except Exception as e:
-      raise self._fail(eid, lp, "unreadable", f"cannot decode mask ({e})") from None
+    raw = self._read_raw_label(eid, lp)
     if image.shape[:2] != tuple(hw):
       raise self._fail(eid, ip, "size_mismatch",
                        f"decoded image is {image.shape[0]}x{image.shape[1]}, header said {hw}")
@@ -168,15 +310,7 @@ class SegmentationSource:
       raise self._fail(eid, lp, "size_mismatch",
                        f"mask is {raw.shape[0]}x{raw.shape[1]} (HxW), image is "
                        f"{image.shape[0]}x{image.shape[1]}")
-    if raw.min(initial=0) < 0 or raw.max(initial=0) > 65535:
-      raise self._fail(eid, lp, "bad_labels", f"mask values outside 0..65535")
-    label = self._lut[raw]
-    if (label < 0).any():
-      bad = np.unique(raw[label < 0])[:10].tolist()
-      allowed = (sorted(self.value_map) if self.value_map is not None
-                 else f"0..{self.num_classes - 1} and 255")
-      raise self._fail(eid, lp, "bad_labels", f"mask values {bad} not allowed (allowed: {allowed})")
-    return image, label.astype(np.uint8)
+    return image, self._values_to_labels(eid, lp, raw)
 
   # -- random access -------------------------------------------------------------------------
   def __len__(self):
@@ -202,14 +336,123 @@ class SegmentationSource:
       valid = False
     return {"image": image, "label": label, "index": i, "id": eid, "valid": valid}
 
+  def subset(self, indices, name=None) -> "SegmentationSource":
+    """A view of the examples ``indices`` (in that order), as a new source.
+
+    Same classes, palette, mask value mapping and error policy; sizes are kept and nothing is
+    re-read or re-validated. The view starts a fresh, empty ``report`` (problems found while
+    building this source stay in ``self.report``). ``name`` defaults to ``"<name>/subset"``.
+    """
+    idx = np.asarray(indices, np.int64).reshape(-1)
+    if idx.size == 0:
+      raise ValueError("subset of no examples")
+    if idx.min() < -len(self) or idx.max() >= len(self):
+      raise IndexError(f"subset indices outside 0..{len(self) - 1}")
+    idx = idx % len(self)
+    new = copy.copy(self)
+    new.name = name or f"{self.name}/subset"
+    new.ids = [self.ids[i] for i in idx]
+    new.image_paths = [self.image_paths[i] for i in idx]
+    new.label_paths = [self.label_paths[i] for i in idx]
+    new.sizes = self.sizes[idx].copy()
+    new.report = ErrorReport(new.name, num_checked=len(idx))
+    new._warned = set()
+    return new
+
   def __repr__(self):
     return (f"SegmentationSource({self.name!r}, {len(self)} examples, "
             f"{self.num_classes} classes, skipped={self.report.num_skipped})")
 
 
+def split_by_fraction(source: SegmentationSource, fraction: float, seed: int = 0) -> tuple:
+  """Split ``source`` into ``(train, val)`` views (see :meth:`SegmentationSource.subset`).
+
+  ``val`` holds ``round(fraction * N)`` examples (half rounds up), clipped to 1..N-1 so that
+  neither part is empty, drawn by ``numpy.random.default_rng(seed).permutation(N)``; both parts
+  keep the source's order. The same source (same file listing) and seed always give the same
+  split. ``fraction`` must be in (0, 1) and the source needs >= 2 examples (else ValueError).
+  Names: ``"<name>/train"`` and ``"<name>/val"``.
+  """
+  fraction = float(fraction)
+  if not 0.0 < fraction < 1.0:  # also rejects NaN
+    raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+  n = len(source)
+  if n < 2:
+    raise ValueError(f"{source.name}: cannot split {n} example(s) into train and val")
+  n_val = min(max(int(math.floor(fraction * n + 0.5)), 1), n - 1)
+  perm = np.random.default_rng(seed).permutation(n)
+  val = np.sort(perm[:n_val])
+  train = np.sort(perm[n_val:])
+  return (source.subset(train, f"{source.name}/train"), source.subset(val, f"{source.name}/val"))
+
+
+# -- mask value scans ------------------------------------------------------------------------
+def _values_of_array(raw) -> np.ndarray:
+  raw = np.asarray(raw)
+  if raw.size and raw.min() >= 0 and raw.max() < 65536:
+    return np.flatnonzero(np.bincount(raw.reshape(-1), minlength=1))
+  return np.unique(raw)
+
+
+def _scan(source_or_label_paths, max_files=1000, num_threads=4):
+  """-> (sorted values list, files scanned, files in all, files that failed to decode)."""
+  if isinstance(source_or_label_paths, SegmentationSource):
+    src = source_or_label_paths
+    items = list(zip(src.ids, src.label_paths))
+    read = lambda item: src._read_raw_label(*item)
+  else:
+    items = [(str(p), p) for p in source_or_label_paths]
+
+    def read(item):
+      with Image.open(item[1]) as im:
+        im.load()
+        return palette.label_to_array(im)
+  total = len(items)
+  if max_files is not None and total > max_files:
+    pick = np.unique(np.linspace(0, total - 1, int(max_files)).round().astype(np.int64))
+    items = [items[i] for i in pick]
+
+  def one(item):
+    try:
+      return _values_of_array(read(item)), None
+    except Exception as e:  # a bad file: reported by the source when it is decoded
+      return None, f"{item[1]}: {e}"
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(num_threads, len(items)))) as ex:
+    results = list(ex.map(one, items))
+  seen = [v for v, _ in results if v is not None]
+  failed = [err for _, err in results if err is not None]
+  if failed:
+    log.warning("mask value scan: %d of %d masks could not be read (first: %s)", len(failed),
+                len(items), failed[0])
+  values = np.unique(np.concatenate(seen)) if seen else np.zeros(0, np.int64)
+  return [int(v) for v in values], len(items), total, len(failed)
+
+
+def scan_mask_values(source_or_label_paths, *, max_files: int | None = 1000) -> list:
+  """Sorted distinct values stored in the masks of a source (or of a list of mask files).
+
+  Each mask is decoded with Pillow (a few threads) and its values counted with numpy
+  (``bincount``). Palette PNGs give their indices; for a :class:`SegmentationSource` the values are
+  what its ``mask_values`` mode reads before mapping (e.g. palette mode turns RGB colours into
+  palette indices, binary mode reads colour masks as their brightest channel). With more than
+  ``max_files`` masks only ``max_files`` of them, evenly spaced over the (sorted) list, are read,
+  so a rare value may be missed (``None``: read all). Masks that cannot be read are left out (and
+  logged); the source reports them when it decodes them.
+  """
+  return _scan(source_or_label_paths, max_files)[0]
+
+
+def _short_list(values, limit=24):
+  if len(values) <= limit:
+    return str(list(values))
+  return f"[{', '.join(map(str, values[:12]))}, ..., {', '.join(map(str, values[-6:]))}] " \
+         f"({len(values)} values)"
+
+
 # ------------------------------------------------------------------------------------------
 def read_id_list(path) -> list:
-  """Ids from a split file: one id per line, or ``/JPEGImages/x.jpg /Seg.../x.png`` pairs."""
+  """Ids from a split file: one id per line (the first token: ``Abyssinian_100 1 1 1`` gives
+  ``Abyssinian_100``), or ``/JPEGImages/x.jpg /Seg.../x.png`` pairs; ``#`` lines are comments."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise DataError(f"missing: {path}: split list not found", Problem("", str(path), "missing",
@@ -217,7 +460,7 @@ def read_id_list(path) -> list:
   ids = []
   for line in path.read_text().splitlines():
     tok = line.strip().split()
-    if tok:
+    if tok and not tok[0].startswith("#"):
       ids.append(pathlib.PurePosixPath(tok[0]).stem if "/" in tok[0] or "." in tok[0] else tok[0])
   return ids
 
@@ -248,7 +491,7 @@ def voc_source(root, split="train", *, on_error="raise", validate="header"):
   return SegmentationSource(
       f"voc2012/{split}", ids, [voc / "JPEGImages" / f"{i}.jpg" for i in ids],
       [voc / "SegmentationClass" / f"{i}.png" for i in ids], class_names=palette.VOC_CLASSES,
-      on_error=on_error, validate=validate)
+      num_classes_origin="PASCAL VOC (21 classes)", on_error=on_error, validate=validate)
 
 
 def voc_aug_source(root, split="train_aug", *, list_file=None, label_dir="SegmentationClassAug",
@@ -267,7 +510,7 @@ def voc_aug_source(root, split="train_aug", *, list_file=None, label_dir="Segmen
   return SegmentationSource(
       f"voc_aug/{split}", ids, [voc / "JPEGImages" / f"{i}.jpg" for i in ids],
       [voc / label_dir / f"{i}.png" for i in ids], class_names=palette.VOC_CLASSES,
-      on_error=on_error, validate=validate)
+      num_classes_origin="PASCAL VOC (21 classes)", on_error=on_error, validate=validate)
 
 
 def sbd_source(root, split="train", *, on_error="raise", validate="header"):
@@ -278,44 +521,218 @@ def sbd_source(root, split="train", *, on_error="raise", validate="header"):
   return SegmentationSource(
       f"sbd/{split}", ids, [ds / "img" / f"{i}.jpg" for i in ids],
       [ds / "cls" / f"{i}.mat" for i in ids], class_names=palette.VOC_CLASSES,
-      label_format="sbd_mat", on_error=on_error, validate=validate)
+      num_classes_origin="PASCAL VOC (21 classes)", label_format="sbd_mat", on_error=on_error,
+      validate=validate)
 
 
-def folder_source(image_dir, label_dir, *, value_map=None, num_classes=None, class_names=None,
-                  on_error="raise", validate="header", name=None):
+def find_pets(root) -> pathlib.Path:
+  """The Oxford-IIIT Pets folder (holding ``images/`` and ``annotations/``): ``root`` or
+  ``root/oxford-iiit-pet`` (torchvision's download folder)."""
+  root = pathlib.Path(root).expanduser()
+  for cand in (root, root / "oxford-iiit-pet"):
+    if (cand / "images").is_dir() and (cand / "annotations").is_dir():
+      return cand
+  raise DataError(f"missing: {root}: no Oxford-IIIT Pets layout (images/ and annotations/) there",
+                  Problem("", str(root), "missing", "no images/ and annotations/ folders"))
+
+
+def pets_source(root, split="trainval", *, ignore_border=False, on_error="raise",
+                validate="header"):
+  """Oxford-IIIT Pets: ``images/<id>.jpg`` + ``annotations/trimaps/<id>.png`` for the ids of
+  ``annotations/<split>.txt`` (``trainval`` 3,680 / ``test`` 3,669 ids in the real dataset).
+
+  Trimap 1 pet, 2 background, 3 border -> classes background 0, pet 1, border 2
+  (:data:`PETS_CLASSES`), or with ``ignore_border`` background 0, pet 1 and the border ignored
+  (255). Images are opened by content, so the few real ones that are PNG / GIF data under a
+  ``.jpg`` name, grey, CMYK or RGBA read as RGB like the rest.
+  """
+  pets = find_pets(root)
+  ids = read_id_list(pets / "annotations" / f"{split}.txt")
+  names = PETS_CLASSES[:2] if ignore_border else PETS_CLASSES
+  return SegmentationSource(
+      f"pets/{split}", ids, [pets / "images" / f"{i}.jpg" for i in ids],
+      [pets / "annotations" / "trimaps" / f"{i}.png" for i in ids], num_classes=len(names),
+      class_names=names, value_map=PETS_TRIMAP if ignore_border else PETS_TRIMAP_3,
+      mask_values="trimap",
+      num_classes_origin=(f"Oxford-IIIT Pets trimaps: {len(names)} classes ({', '.join(names)}"
+                          + (", border ignored)" if ignore_border else ")")),
+      on_error=on_error, validate=validate)
+
+
+def _missing_dir(path, what):
+  return DataError(f"missing: {path}: {what} folder not found",
+                   Problem("", str(path), "missing", f"{what} folder not found"))
+
+
+def _list_images(folder):
+  """Image files of ``folder`` (sorted; hidden files such as macOS ``._x.png`` left out)."""
+  exts = set(IMAGE_EXTS)
+  return sorted(p for p in folder.iterdir()
+                if p.suffix.lower() in exts and not p.name.startswith(".") and p.is_file())
+
+
+def _mask_priority(p):
+  """Several masks with one stem: prefer lossless formats (PNG first, JPEG last)."""
+  order = {".png": 0, ".tif": 1, ".tiff": 1, ".bmp": 2, ".gif": 3, ".webp": 4}
+  return (order.get(p.suffix.lower(), 5 if p.suffix.lower() not in (".jpg", ".jpeg") else 9),
+          p.name)
+
+
+def folder_source(image_dir, label_dir, *, mask_values="index", num_classes=None,
+                  class_names=None, value_map=None, trimap_ignore_border=False,
+                  on_error="raise", validate="header", name=None, scan_max_files=1000):
   """Images in ``image_dir`` and masks in ``label_dir`` matched by file stem.
 
-  ``value_map`` maps stored mask values to classes (``BINARY_MAP``, ``PETS_TRIMAP``, or a dict);
-  values absent from it are errors. Without it, masks must hold 0..num_classes-1 and 255.
-  ``num_classes`` defaults to 1 + the largest non-ignore class of ``value_map``. An image with no
-  mask of the same stem is a ``missing`` problem; masks without images are ignored.
+  Files: every format Pillow can open (:data:`IMAGE_EXTS`), hidden files left out; an image with no
+  mask of the same stem is a ``missing`` problem; masks without images are ignored; when several
+  masks share a stem the PNG (lossless) one is used.
+
+  ``mask_values`` says what the stored mask values mean:
+    * ``"index"``: class ids 0..C-1, 255 = ignore.
+    * ``"binary"``: 0 background, any non-zero value (1, 255, 65535, a colour) foreground: 2
+      classes ``("background", "foreground")``.
+    * ``"trimap"``: Oxford-IIIT Pets trimaps 1 pet, 2 background, 3 border: 3 classes
+      ``("background", "pet", "border")``, or 2 with ``trimap_ignore_border`` (border -> 255).
+      Any other value is a ``bad_labels`` problem.
+    * ``"palette"``: palette PNGs give their palette indices (255 = ignore); RGB masks are mapped
+      colour -> index through the palette (the first mask's own PNG palette if it has one, else
+      VOC's); a colour not in it is a ``bad_labels`` problem naming the colour. The source's
+      ``palette`` is that palette.
+  ``value_map`` (a dict stored value -> class, e.g. :data:`BINARY_MAP`; other values are errors)
+  replaces ``mask_values="index"``.
+
+  Classes: ``class_names`` and / or ``num_classes`` if given (they must agree; names default to
+  ``"class0"``, ``"class1"``, ...); binary and trimap have fixed classes; with ``value_map``,
+  1 + its largest class; else (index / palette) inferred as 1 + the largest non-255 value found by
+  :func:`scan_mask_values` (at most ``scan_max_files`` masks read). ``src.num_classes_origin``
+  says which, e.g. ``"from mask values found: [0, 1, 2]"``.
   """
-  image_dir, label_dir = pathlib.Path(image_dir), pathlib.Path(label_dir)
+  if mask_values not in MASK_VALUES:
+    raise ValueError(f"mask_values must be one of {MASK_VALUES}, got {mask_values!r}")
+  if value_map is not None and mask_values != "index":
+    raise ValueError(f"give value_map or mask_values={mask_values!r}, not both")
+  image_dir = pathlib.Path(image_dir).expanduser()
+  label_dir = pathlib.Path(label_dir).expanduser()
   if not image_dir.is_dir():
-    raise DataError(f"missing: {image_dir}: image folder not found",
-                    Problem("", str(image_dir), "missing", "image folder not found"))
-  if num_classes is None:
-    if value_map is None:
-      raise ValueError("folder_source needs num_classes or value_map")
-    num_classes = 1 + max(v for v in value_map.values() if v != palette.IGNORE)
-  images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    raise _missing_dir(image_dir, "image")
+  if not label_dir.is_dir():
+    raise _missing_dir(label_dir, "mask")
+  name = name or f"folder/{image_dir.name}"
+  images = _list_images(image_dir)
+  if not images:
+    raise DataError(f"empty_split: {image_dir}: no image files in this folder",
+                    Problem("", str(image_dir), "empty_split", "no image files"))
   labels = {}
-  if label_dir.is_dir():
-    for p in sorted(label_dir.iterdir()):
-      if p.suffix.lower() in IMAGE_EXTS:
-        labels.setdefault(p.stem, p)
+  for p in sorted(_list_images(label_dir), key=_mask_priority):
+    labels.setdefault(p.stem, p)
   ids = [p.stem for p in images]
   lbl = [labels.get(p.stem, label_dir / f"{p.stem}.png") for p in images]
-  return SegmentationSource(name or f"folder/{image_dir.name}", ids, images, lbl,
-                            num_classes=num_classes, class_names=class_names, value_map=value_map,
-                            on_error=on_error, validate=validate)
+  if not any(p.stem in labels for p in images):
+    log.warning("%s: none of the %d images of %s has a mask of the same name in %s", name,
+                len(images), image_dir, label_dir)
+
+  if class_names is not None:
+    class_names = tuple(str(c) for c in class_names)
+    if num_classes is not None and int(num_classes) != len(class_names):
+      raise ValueError(f"num_classes={num_classes} but {len(class_names)} class names given")
+  given = (class_names is not None or num_classes is not None)
+  given_n = len(class_names) if class_names is not None else num_classes
+  given_origin = (f"from class names ({given_n}: {', '.join(class_names)})"
+                  if class_names is not None else f"given (num_classes={num_classes})")
+  kind = mask_values
+  infer = False
+  pal = None
+  if mask_values == "binary":
+    fixed, origin = BINARY_CLASSES, "binary masks: 2 classes (0 -> background, non-zero -> " \
+                                    "foreground)"
+  elif mask_values == "trimap":
+    value_map = PETS_TRIMAP if trimap_ignore_border else PETS_TRIMAP_3
+    fixed = PETS_CLASSES[:2] if trimap_ignore_border else PETS_CLASSES
+    origin = (f"trimap masks: {len(fixed)} classes ({', '.join(fixed)}"
+              + (", border ignored)" if trimap_ignore_border else ")"))
+  elif value_map is not None:
+    kind = "value_map"
+    n = 1 + max(int(v) for v in value_map.values() if int(v) != palette.IGNORE)
+    fixed, origin = None, f"from value_map ({n} classes)"
+    if not given:
+      num_classes = n
+  else:
+    fixed, origin = None, None
+    infer = not given
+  if fixed is not None:
+    if given and given_n != len(fixed):
+      raise ValueError(f"{mask_values} masks have {len(fixed)} classes ({', '.join(fixed)}), "
+                       f"got {given_n}")
+    num_classes = len(fixed)
+    class_names = class_names or fixed
+  elif given:
+    num_classes, origin = given_n, given_origin
+  if mask_values == "palette":
+    for p in lbl:
+      try:
+        with Image.open(p) as im:
+          if im.mode in ("P", "PA") and im.getpalette():
+            pal = im.getpalette()
+      except Exception:  # a bad first mask: the source reports it
+        pass
+      else:
+        break
+
+  src = SegmentationSource(
+      name, ids, images, lbl, num_classes=num_classes if not infer else MAX_CLASSES,
+      class_names=None if infer else (class_names or _default_names(num_classes)),
+      value_map=value_map, mask_values=kind, palette=pal,
+      num_classes_origin=origin or "inferring", on_error=on_error,
+      validate="header" if infer else validate)
+  if infer:
+    n, origin = _infer_num_classes(src, mask_values, scan_max_files)
+    src._set_classes(n, _default_names(n), origin)
+    if validate == "full":
+      src.validate_full()
+  return src
+
+
+def _default_names(n):
+  return tuple(f"class{i}" for i in range(int(n)))
+
+
+def _infer_num_classes(src, mask_values, max_files):
+  """(num_classes, origin text) from the values stored in ``src``'s masks."""
+  values, scanned, total, failed = _scan(src, max_files)
+  where = (f" (in {scanned} of {total} masks, evenly sampled)" if scanned < total
+           else f" (in all {total} masks)")
+  if failed:
+    where += f"; {failed} masks could not be read"
+  classes = [v for v in values if v != palette.IGNORE]
+  hint = (" (give the number of classes / class names, or choose another mask value mode: "
+          "binary for 0/255 masks)")
+  if not classes:
+    raise DataError(f"{src.name}: cannot infer the number of classes: the masks hold "
+                    f"{_short_list(values) if values else 'no readable values'}{where}{hint}")
+  if mask_values == "index" and set(values) == {0, palette.IGNORE}:
+    raise DataError(f"{src.name}: the masks hold only 0 and 255{where}; with mask_values='index' "
+                    "255 means 'ignore', leaving one class: for 0/255 binary masks use "
+                    "mask_values='binary'")
+  if max(classes) >= MAX_CLASSES:
+    raise DataError(f"{src.name}: mask values up to {max(classes)}{where}: class ids must be "
+                    f"0..{MAX_CLASSES - 1} (255 = ignore); for 16-bit binary masks use "
+                    "mask_values='binary'")
+  n = max(classes) + 1
+  if n < 2:
+    raise DataError(f"{src.name}: the masks hold only class 0{where}: nothing to segment{hint}")
+  origin = f"from mask values found: {_short_list(values)}{where}"
+  if len(classes) < n:
+    origin += f"; {n - len(classes)} of the class ids 0..{n - 1} never appear"
+  return n, origin
 
 
 def open_source(root, split="train", **kw):
-  """Guess the layout of ``root`` (VOC, SBD) and open ``split``."""
+  """Guess the layout of ``root`` (VOC, SBD, Oxford-IIIT Pets) and open ``split``."""
   root = pathlib.Path(root).expanduser()
   if (root / "dataset" / "cls").is_dir() or (root / "cls").is_dir():
     return sbd_source(root, split, **kw)
+  if any((c / "annotations" / "trimaps").is_dir() for c in (root, root / "oxford-iiit-pet")):
+    return pets_source(root, split, **kw)
   if split in ("train_aug", "trainaug"):
     return voc_aug_source(root, split, **kw)
   return voc_source(root, split, **kw)
