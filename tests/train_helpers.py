@@ -64,23 +64,11 @@ def max_relative_difference(a: dict, b: dict) -> float:
   return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(a[k]).max(), 1e-12)) for k in a)
 
 
-# Start of a script run in a fresh process with 4 simulated CPU devices (XLA_FLAGS must be set
-# before JAX starts): a random batch of logits ``z`` (8, 8, 9, 5), labels ``y`` with ignored
-# rows, and a mask ``m`` with one padded image, plus the sharding names the scripts use.
-SHARDED_PRELUDE = r"""
-import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-rng = np.random.default_rng(0)
-z = rng.normal(size=(8, 8, 9, 5)).astype(np.float32)
-y = rng.integers(0, 5, (8, 8, 9)).astype(np.uint8); y[:, :2] = 255
-m = np.ones((8, 8, 9), bool); m[7] = False
-"""
-
-
-def run_sharded_script(body: str) -> None:
-  """Run ``SHARDED_PRELUDE + body`` in a subprocess; it must print ``OK``."""
-  out = subprocess.run([sys.executable, "-c", SHARDED_PRELUDE + body], capture_output=True,
-                       text=True, timeout=120)
-  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+def run_sharded_check(name: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  """Run the check program ``tests/sharded/<name>.py`` as module ``sharded.<name>`` in a fresh
+  process with 4 simulated CPU devices; it must exit 0 (its output is shown otherwise)."""
+  proc = subprocess.run([sys.executable, "-m", f"sharded.{name}"], env=env_with_devices(4),
+                        capture_output=True, text=True, timeout=timeout, cwd=REPO / "tests")
+  assert proc.returncode == 0, (f"sharded.{name} exited {proc.returncode}\n--- stdout\n"
+                                f"{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}")
+  return proc

@@ -52,13 +52,12 @@ def confusion_matrix(preds: jax.Array, labels: jax.Array, mask: jax.Array | None
   valid = (labels >= 0) & (labels < c) & (preds >= 0) & (preds < c)
   if mask is not None:
     valid = valid & mask.astype(bool)
-  # Invalid pixels go to an extra overflow bin c*c that is cut off. bincount (an XLA scatter-add)
-  # is the fast one on CPU, measured at (8, 512, 512), 21 classes, 2 cores: ~15 ms as written,
-  # against 140-230 ms for a one-hot (N, C)^T @ (N, C) matmul (bf16 or f32). It is done per
-  # example (vmap), then summed over the batch: one flat bincount (~6 ms) raises a
-  # ShardingTypeError on a batch sharded over an Explicit mesh (jax.make_mesh's default) and an
-  # error outside the mesh context; per example, the batch axis stays sharded and the sum is an
-  # all-reduce.
+  # Invalid pixels go to an extra overflow bin c*c that is cut off. A bincount (an XLA
+  # scatter-add), not a one-hot (N, C)^T @ (N, C) matmul: on CPU it is much faster
+  # (benchmarks/RESULTS.md). It is done per example (vmap), then summed over the batch: one flat
+  # bincount over the whole batch, though a little faster still, raises a ShardingTypeError on a
+  # batch sharded over an Explicit mesh (jax.make_mesh's default) and an error outside the mesh
+  # context; per example, the batch axis stays sharded and the sum is an all-reduce.
   index = jnp.where(valid, c * labels + preds, c * c).reshape(labels.shape[0], -1)
   per_example = jax.vmap(lambda i: jnp.bincount(i, length=c * c + 1))(index)
   counts = per_example[:, : c * c].sum(0)

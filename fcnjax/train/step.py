@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fcnjax.train.loss import segmentation_loss
+from fcnjax.train.loss import dice_loss, segmentation_loss
 from fcnjax.train.metrics import update_confusion
 
 
@@ -51,28 +51,48 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, reduction: str = "mean",
-                    class_weights=None, state_sharding=None, batch_sharding=None):
+                    class_weights=None, dice_weight: float = 0.0, dice_classes: str = "all",
+                    state_sharding=None, batch_sharding=None):
   """A jitted ``train_step(state, batch) -> (state, metrics)``.
 
-  ``metrics``: ``loss`` (float32, the loss that was differentiated), ``valid_pixels``,
-  ``grad_norm``. ``state_sharding`` / ``batch_sharding``: optional shardings (replicated state,
-  batch over ``"data"``); without them jit follows the inputs' shardings.
+  The differentiated loss is ``segmentation_loss(..., reduction, class_weights)`` (CE), plus
+  ``dice_weight * dice_loss(..., classes=dice_classes)`` when ``dice_weight > 0``. The Dice term
+  is in [0, 1] whatever the batch size, so its weight is relative to the per-pixel **mean** CE;
+  with ``reduction="sum"`` the CE is larger by the number of valid pixels and ``dice_weight``
+  must be scaled to match.
+
+  ``metrics``: float32 scalars ``loss`` (the total that was differentiated), ``valid_pixels``,
+  ``grad_norm`` (global L2 norm of the gradients, before the optimizer), and with Dice on also
+  ``ce`` and ``dice`` (the two terms, unweighted). ``state_sharding`` / ``batch_sharding``:
+  optional shardings (replicated state, batch over ``"data"``); without them jit follows the
+  inputs' shardings.
   """
+  if dice_weight < 0:
+    raise ValueError(f"dice_weight must be >= 0, got {dice_weight}")
+  if dice_classes not in ("all", "foreground"):
+    raise ValueError(f"dice_classes must be 'all' or 'foreground', got {dice_classes!r}")
+  use_dice = dice_weight > 0
 
   def train_step(state: TrainState, batch):
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state.rest, copy=True)
       model.train()
       logits = model(batch["image"])
-      loss, valid = segmentation_loss(logits, batch["label"], batch["mask"],
-                                      reduction=reduction, class_weights=class_weights)
+      ce, valid = segmentation_loss(logits, batch["label"], batch["mask"],
+                                    reduction=reduction, class_weights=class_weights)
+      terms = {"valid_pixels": valid}
+      loss = ce
+      if use_dice:
+        dice = dice_loss(logits, batch["label"], batch["mask"], classes=dice_classes)
+        loss = ce + dice_weight * dice
+        terms.update(ce=ce, dice=dice)
       _, _, rest = split_model(model)
-      return loss, (valid, rest)
+      return loss, (terms, rest)
 
-    (loss, (valid, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (terms, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "valid_pixels": valid, "grad_norm": optax.tree.norm(grads)}
+    metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
     return TrainState(params, rest, opt_state, state.step + 1), metrics
 
   kwargs = {}
