@@ -1,0 +1,239 @@
+"""Experiments as configs: each module here is one experiment, with ``get_config(preset=None)``.
+
+A config is an :class:`ml_collections.ConfigDict` holding the whole run (model, data,
+optimisation, loss, evaluation, checkpointing, output; see :mod:`fcnjax.configs.base` for every
+field). ``python -m fcnjax.train --config NAME_OR_PATH[:PRESET]`` runs one; this module finds,
+loads, checks and compares them:
+
+* :func:`experiments` - the built-in experiment names and their one-line descriptions.
+* :func:`load` - ``"voc_fcn8s:smoke"`` or ``"path/to/my_config.py:preset"`` -> a checked config.
+* :func:`check_fields` - every field is one of :func:`~fcnjax.configs.base.base_config`'s (a
+  misspelt one is an error naming the closest real ones); :func:`validate` - values in range.
+* :func:`differences` - what differs between two configs (a resumed run against its checkpoint).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import json
+import pathlib
+import pkgutil
+
+import ml_collections
+
+from fcnjax.configs import base
+
+FREE_ON_RESUME = ("data.num_workers", "data.cache", "train.log_every", "output.tensorboard",
+                  "output.compile_cache")
+"""Fields that do not change what a run computes: a resumed run may change them freely."""
+OPEN_SECTIONS = ("data.builtin",)
+"""Sections whose fields each experiment defines itself (not checked against the base)."""
+
+CHOICES = {
+    "data.kind": ("voc", "folder", "pets"),
+    "data.mask_values": ("index", "binary", "trimap", "palette"),
+    "model.precision": ("fp32", "bf16"),
+    "model.ops": ("auto", "cpu", "lax"),
+    "optim.optimizer": ("reference", "sgd", "adamw"),
+    "optim.schedule": ("poly", "cosine", "constant"),
+    "loss.reduction": ("mean", "sum"),
+}
+
+
+class ConfigError(ValueError):
+  """A config that cannot be run: the message names the field (or file) and the problem."""
+
+
+# -- finding and loading ------------------------------------------------------------------------
+def experiments() -> dict[str, str]:
+  """``{name: one-line description}`` of the built-in experiments (the modules of this package
+  with a ``get_config``)."""
+  out = {}
+  for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+    if info.name == "base" or info.name.startswith("_"):
+      continue
+    mod = importlib.import_module(f"{__name__}.{info.name}")
+    if hasattr(mod, "get_config"):
+      out[info.name] = (mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else ""
+  return out
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+  """``"NAME_OR_PATH[:PRESET]"`` -> (name or path, preset or None)."""
+  head, sep, preset = spec.rpartition(":")
+  if not sep or "/" in preset or preset.endswith(".py"):
+    return spec, None
+  return head, preset or None
+
+
+def config_file(name_or_path: str) -> pathlib.Path:
+  """The file of a built-in experiment ``name``, or the user's config file ``path``."""
+  if name_or_path in experiments():
+    spec = importlib.util.find_spec(f"{__name__}.{name_or_path}")
+    return pathlib.Path(spec.origin)
+  path = pathlib.Path(name_or_path).expanduser()
+  if path.is_file():
+    return path
+  names = list(experiments())
+  close = difflib.get_close_matches(name_or_path, names, n=3)
+  hint = f" (did you mean {', '.join(close)}?)" if close else ""
+  raise ConfigError(f"--config {name_or_path}: no built-in experiment and no file of that "
+                    f"name{hint}; built-in experiments: {', '.join(names)}")
+
+
+def load_file(path, preset: str | None = None) -> ml_collections.ConfigDict:
+  """Run ``get_config(preset)`` of the config file ``path`` (unchecked)."""
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f"_fcnjax_config_{path.stem}", path)
+  mod = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(mod)
+  except Exception as e:
+    raise ConfigError(f"{path}: cannot run the config file: {type(e).__name__}: {e}") from e
+  if not hasattr(mod, "get_config"):
+    raise ConfigError(f"{path}: a config file must define get_config(preset=None)")
+  try:
+    cfg = mod.get_config(preset) if preset is not None else mod.get_config()
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    raise ConfigError(f"{path}: {e}") from e
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict "
+                      f"(start from fcnjax.configs.base.base_config()), got {type(cfg).__name__}")
+  return cfg
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """``"NAME_OR_PATH[:PRESET]"`` -> the config, with its fields and values checked."""
+  name, preset = split_spec(spec)
+  cfg = load_file(config_file(name), preset)
+  check_fields(cfg)
+  validate(cfg)
+  return cfg
+
+
+# -- checking -----------------------------------------------------------------------------------
+def flatten(cfg, prefix: str = "") -> dict:
+  """``{"section.field": value}`` of a ConfigDict (or a nested dict)."""
+  out = {}
+  for k, v in (cfg.items() if hasattr(cfg, "items") else ()):
+    key = f"{prefix}{k}"
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      sub = flatten(v, key + ".")
+      out.update(sub if sub else {key: {}})
+    else:
+      out[key] = v
+  return out
+
+
+def closest(name: str, names) -> str:
+  """`` (did you mean a, b?)`` for the nearest of ``names``, or ``""``."""
+  close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
+  if not close:  # a wrong section with the right field name: match on the last part
+    last = name.rsplit(".", 1)[-1]
+    close = [n for n in names if n.rsplit(".", 1)[-1] == last][:3]
+  return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def _open(key: str) -> bool:
+  return any(key == s or key.startswith(s + ".") for s in OPEN_SECTIONS)
+
+
+def check_fields(cfg) -> None:
+  """Raise :class:`ConfigError` for a field that the base config does not have (a misspelling,
+  naming the closest real fields) or for a base field the config lacks."""
+  known = flatten(base.base_config())
+  have = flatten(cfg)
+  for key in have:
+    if key not in known and not _open(key):
+      raise ConfigError(f"config field {key!r} does not exist{closest(key, known)}")
+  missing = [k for k in known if k not in have and not _open(k)]
+  if missing:
+    raise ConfigError(f"config lacks the fields {missing[:5]}: start a config from "
+                      "fcnjax.configs.base.base_config() (or an experiment's get_config())")
+
+
+def check_override(cfg, key: str) -> None:
+  """Raise :class:`ConfigError` if ``--config.KEY`` names no field of ``cfg``."""
+  fields = flatten(cfg)
+  if key not in fields:
+    raise ConfigError(f"--config.{key}: no such config field{closest(key, fields)}")
+
+
+def _positive_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def validate(cfg) -> None:
+  """Raise :class:`ConfigError` naming the first field whose value cannot work."""
+  flat = flatten(cfg)
+  for key, allowed in CHOICES.items():
+    if flat.get(key) not in allowed:
+      raise ConfigError(f"{key} = {flat.get(key)!r}: must be one of {', '.join(allowed)}")
+  from fcnjax import models
+  if cfg.model.name not in models.MODELS:
+    raise ConfigError(f"model.name = {cfg.model.name!r}: not a model; models: "
+                      f"{', '.join(sorted(models.MODELS))}")
+  mb = str(cfg.data.max_buckets)
+  if mb != "auto" and not (mb.isdigit() and int(mb) >= 1):
+    raise ConfigError(f"data.max_buckets = {mb!r}: must be a positive integer or 'auto'")
+  for key in ("data.batch_size", "data.granularity", "optim.accumulate", "train.epochs",
+              "train.log_every", "eval.every_epochs", "checkpoint.save_every", "checkpoint.keep"):
+    if not _positive_int(flat[key]):
+      raise ConfigError(f"{key} = {flat[key]!r}: must be a positive integer")
+  for key in ("data.pixels_per_batch", "data.eval_batch_size", "train.steps"):
+    if flat[key] is not None and not _positive_int(flat[key]):
+      raise ConfigError(f"{key} = {flat[key]!r}: must be a positive integer (or unset)")
+  if not (isinstance(cfg.model.num_classes, int) and cfg.model.num_classes >= 0):
+    raise ConfigError(f"model.num_classes = {cfg.model.num_classes!r}: must be >= 1 (0 = from "
+                      "the dataset)")
+  if not cfg.model.width_multiplier > 0:
+    raise ConfigError(f"model.width_multiplier = {cfg.model.width_multiplier}: must be > 0")
+  lr = cfg.optim.learning_rate
+  if lr is None and cfg.optim.optimizer != "reference":
+    raise ConfigError("optim.learning_rate is unset: only the 'reference' optimizer has a "
+                      "default (the paper's rate for the model)")
+  if lr is not None and not lr > 0:
+    raise ConfigError(f"optim.learning_rate = {lr}: must be > 0")
+  if cfg.data.num_workers < 0 or cfg.train.seed < 0 or cfg.optim.warmup_steps < 0:
+    raise ConfigError("data.num_workers, train.seed and optim.warmup_steps must be >= 0")
+  if not 0 <= cfg.augment.color_jitter < 1:
+    raise ConfigError(f"augment.color_jitter = {cfg.augment.color_jitter}: must be in [0, 1)")
+  sr = tuple(cfg.augment.scale_range)
+  if sr and not (len(sr) == 2 and 0 < sr[0] <= sr[1]):
+    raise ConfigError(f"augment.scale_range = {sr}: must be () or (lo, hi) with 0 < lo <= hi")
+  if not 0 < cfg.data.val_fraction < 1:
+    raise ConfigError(f"data.val_fraction = {cfg.data.val_fraction}: must be in (0, 1)")
+  if cfg.loss.dice_weight < 0 or any(w < 0 for w in cfg.loss.class_weights):
+    raise ConfigError("loss.dice_weight and loss.class_weights must be >= 0")
+
+
+# -- comparing and storing ----------------------------------------------------------------------
+def to_dict(cfg) -> dict:
+  """A JSON-able dict of the config (tuples become lists)."""
+  return json.loads(cfg.to_json())
+
+
+def from_dict(d: dict) -> ml_collections.ConfigDict:
+  """Inverse of :func:`to_dict` (lists become tuples again), typed as the base config."""
+  def fix(x):
+    if isinstance(x, dict):
+      return {k: fix(v) for k, v in x.items()}
+    return tuple(x) if isinstance(x, list) else x
+  d = fix(d)
+  cfg = base.base_config()
+  cfg.data.builtin.update(d.get("data", {}).pop("builtin", {}))
+  flat = flatten(d)
+  unknown = [k for k in flat if k not in flatten(cfg)]
+  if unknown:
+    raise ConfigError(f"stored config has fields this version does not know: {unknown[:5]}")
+  cfg.update_from_flattened_dict(flat)
+  return cfg
+
+
+def differences(saved, wanted, *, ignore=FREE_ON_RESUME) -> list[tuple[str, object, object]]:
+  """``[(field, saved value, wanted value)]`` for every field that differs (``ignore`` aside)."""
+  a, b = flatten(to_dict(saved)), flatten(to_dict(wanted))
+  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k) and k not in ignore]

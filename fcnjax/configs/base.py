@@ -1,0 +1,142 @@
+"""The shared defaults of every experiment: one :class:`ml_collections.ConfigDict` per run.
+
+Every experiment config (``fcnjax/configs/<name>.py``) starts from :func:`base_config` and edits
+the fields it needs; a user's own config file does the same (see README, "Your own config").
+A field's type is fixed by its default here: ``--config.optim.learning_rate=abc`` is refused, and
+so is a field that is not listed here (:func:`fcnjax.configs.check_fields`).
+
+Conventions: an empty string means "not set" for paths; ``None`` (an ``ml_collections``
+placeholder) means "not set" for numbers; ``model.num_classes = 0`` means "from the dataset".
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+REFERENCE_LR = {"fcn32s": 1e-10, "fcn16s": 1e-12, "fcn8s": 1e-14, "fcn8s-atonce": 1e-10}
+"""The reference's fixed learning rates (summed loss, batch 1): what ``optim.learning_rate =
+None`` means with the ``reference`` optimizer."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a run has, with a comment on each (the defaults are a generic SGD FCN-8s run)."""
+  c = ml_collections.ConfigDict()
+  c.name = ""                          # the experiment's name (set by each experiment config)
+  c.preset = ""                        # the preset applied to it ('' = none)
+
+  m = c.model = ml_collections.ConfigDict()
+  m.name = "fcn8s"                     # a name of fcnjax.models' registry (fcn32s ... fcn2s)
+  m.num_classes = 0                    # 0: from the dataset (VOC: 21; folder: --classes or masks)
+  m.width_multiplier = 1.0             # scales every VGG16 width (1/8: a 2.1M-parameter FCN-8s)
+  m.aligned = False                    # True: no pad-100, input padded to a multiple of 32
+  m.learnable_upsampling = False       # the reference keeps the upsampling bilinear and fixed
+  m.batch_norm = False                 # BatchNorm after every 3x3 conv (VGG16-BN; not reference)
+  m.precision = "fp32"                 # "fp32" or "bf16" (bf16 compute, fp32 params and loss)
+  m.ops = "auto"                       # "auto" | "cpu" | "lax": CPU-friendly ops or plain lax
+  m.init = ""                          # weights file to start from (fcnjax.weights.init_from)
+
+  d = c.data = ml_collections.ConfigDict()
+  d.kind = "voc"                       # "voc" (VOC / SBD layout), "folder", "pets"
+  d.root = ""                          # voc: VOCdevkit or VOC2012; pets: Oxford-IIIT Pets root
+  d.sbd_root = ""                      # voc: SBD (img/, cls/) or SegmentationClassAug: train on it
+  d.val_split = ""                     # voc: split to evaluate on ('' = val; seg11valid with SBD)
+  d.images = ""                        # folder: the training images
+  d.masks = ""                         # folder: their masks, matched by file stem
+  d.val_images = ""                    # folder: validation images ('' = split off val_fraction)
+  d.val_masks = ""                     # folder: validation masks
+  d.val_fraction = 0.1                 # folder: share of the images held out for validation
+  d.mask_values = "index"              # folder: "index" | "binary" | "trimap" | "palette"
+  d.classes = ""                       # comma-separated class names ('' = from the data)
+  d.ignore_border = False              # pets / trimap masks: border pixels ignored (2 classes)
+  d.cache = ""                         # where built-in datasets are written ('' = ~/.cache/fcnjax)
+  d.builtin = ml_collections.ConfigDict()  # parameters of the built-in dataset used without data
+  d.batch_size = 8                     # images per batch (a multiple of the device count)
+  d.pixels_per_batch = config_dict.placeholder(int)  # set: batch size per bucket from pixels
+  d.eval_batch_size = config_dict.placeholder(int)   # evaluation batch ('' = as training)
+  d.max_buckets = "8"                  # number of size buckets, or "auto" (cost model)
+  d.granularity = 1                    # bucket sides are multiples of this (32 when aligned)
+  d.num_workers = 0                    # grain worker processes for decoding (0: in-process)
+
+  a = c.augment = ml_collections.ConfigDict()
+  a.flip = True                        # mirror left-right with probability 1/2
+  a.scale_range = ()                   # (lo, hi) random scale per image; () = no scaling
+  a.color_jitter = 0.0                 # j > 0: brightness/contrast/saturation in [1-j, 1+j]
+
+  o = c.optim = ml_collections.ConfigDict()
+  o.optimizer = "sgd"                  # "reference" (Caffe SGD, fixed lr), "sgd", "adamw"
+  o.learning_rate = config_dict.placeholder(float)
+  o.learning_rate = 0.01               # None with "reference": the paper's rate for the model
+  o.momentum = 0.9                     # SGD momentum (reference: 0.99)
+  o.weight_decay = 5e-4                # on weights only (biases and upsampling excluded)
+  o.schedule = "poly"                  # "poly", "cosine" or "constant" (sgd / adamw)
+  o.warmup_steps = 0                   # linear warm-up (capped at a fifth of a short run)
+  o.accumulate = 1                     # gradient accumulation over N batches (Caffe's iter_size)
+
+  lo = c.loss = ml_collections.ConfigDict()
+  lo.reduction = "mean"                # "mean" over valid pixels, or "sum" (the reference)
+  lo.class_weights = ()                # per-class weights of the cross-entropy; () = all 1
+  lo.dice_weight = 0.0                 # > 0 adds this times the soft Dice loss (small objects)
+
+  t = c.train = ml_collections.ConfigDict()
+  t.epochs = 1                         # passes over the training set
+  t.steps = config_dict.placeholder(int)  # set: stop after this many steps (overrides epochs)
+  t.seed = 0                           # parameters, data order, augmentation, val split
+  t.log_every = 10                     # steps between metrics.jsonl train records
+
+  e = c.eval = ml_collections.ConfigDict()
+  e.every_epochs = 1                   # evaluate every N epochs (and at the end)
+  e.num_prediction_images = 4          # val images in predictions.png
+
+  k = c.checkpoint = ml_collections.ConfigDict()
+  k.save_every = 200                   # steps between checkpoints (and after every evaluation)
+  k.keep = 3                           # latest checkpoints kept (plus the best by val mean IU)
+
+  out = c.output = ml_collections.ConfigDict()
+  out.tensorboard = False              # also write TensorBoard event files (needs tensorboardX)
+  out.compile_cache = "~/.cache/fcnjax/xla"  # JAX persistent compilation cache ('' = off)
+  return c
+
+
+def cpu_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The small CPU model of the default runs: aligned FCN-8s at 1/8 of VGG16's widths, trained
+  with AdamW and a cosine schedule (aligned: the exact pad-100 geometry makes every step on small
+  images several times slower on a CPU; see benchmarks/RESULTS.md)."""
+  c.model.name = "fcn8s"
+  c.model.width_multiplier = 1 / 8
+  c.model.aligned = True
+  c.optim.optimizer = "adamw"
+  c.optim.learning_rate = 3e-3
+  c.optim.weight_decay = 1e-4
+  c.optim.schedule = "cosine"
+  c.optim.warmup_steps = 20
+  c.loss.reduction = "mean"
+  return c
+
+
+def gpu_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The full-width exact FCN-8s, SGD 0.9 with poly decay on the mean loss, bf16 compute, flip +
+  scale 0.5-2 augmentation, 50 epochs: a GPU job."""
+  c.model.update(name="fcn8s", width_multiplier=1.0, aligned=False, precision="bf16")
+  c.optim.update(optimizer="sgd", learning_rate=0.01, momentum=0.9, weight_decay=5e-4,
+                 schedule="poly", warmup_steps=200)
+  c.loss.reduction = "mean"
+  c.train.epochs = 50
+  c.augment.update(flip=True, scale_range=(0.5, 2.0))
+  c.eval.every_epochs = 5
+  c.checkpoint.save_every = 1000
+  return c
+
+
+def apply_preset(c: ml_collections.ConfigDict, arg: str | None, presets: dict,
+                 default: str | None = None) -> ml_collections.ConfigDict:
+  """Apply the preset named ``arg`` (or ``default``) from ``presets`` (name -> function editing
+  the config in place); an unknown name is a ValueError listing the known ones."""
+  name = arg or default
+  if name is None:
+    return c
+  if name not in presets:
+    raise ValueError(f"unknown preset {name!r} for {c.name}; presets: {', '.join(presets)}")
+  presets[name](c)
+  c.preset = name
+  return c

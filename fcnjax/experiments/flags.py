@@ -1,0 +1,97 @@
+"""The training flags the experiment CLIs share, and how each maps onto a config field.
+
+Each experiment CLI (``voc_fcn8s``, ``folder``, ``pets``) is a thin layer: its own data flags,
+these training flags, the run flags of :func:`fcnjax.train.main.add_run_flags`, and any
+``--config.FIELD=VALUE`` override, all applied to the experiment's config and run by
+:func:`fcnjax.train.main.run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from fcnjax.train import main as runner
+
+# flag dest -> config field (None values are "not given": the preset's value stays)
+FIELDS = {
+    "model": "model.name", "init": "model.init", "width_multiplier": "model.width_multiplier",
+    "aligned": "model.aligned", "batch_norm": "model.batch_norm", "precision": "model.precision",
+    "steps": "train.steps", "epochs": "train.epochs", "seed": "train.seed",
+    "optimizer": "optim.optimizer", "learning_rate": "optim.learning_rate",
+    "grad_accumulation": "optim.accumulate", "eval_every_epochs": "eval.every_epochs",
+    "save_every": "checkpoint.save_every", "num_workers": "data.num_workers",
+    "data_cache": "data.cache", "compile_cache": "output.compile_cache",
+    "tensorboard": "output.tensorboard",
+}
+
+
+def add_training_flags(p: argparse.ArgumentParser, *, models=None) -> None:
+  p.add_argument("--model", choices=models, help="the FCN variant (default: the preset's)")
+  p.add_argument("--init", help="weights: ImageNet VGG16 (torchvision or Caffe layout), a "
+                 "pytorch-fcn checkpoint, or an fcnjax .safetensors of the previous stage")
+  p.add_argument("--steps", type=int)
+  p.add_argument("--epochs", type=int)
+  g = p.add_mutually_exclusive_group()
+  g.add_argument("--batch-size", type=int)
+  g.add_argument("--pixels-per-batch", type=int)
+  p.add_argument("--max-buckets", help="an integer or 'auto'")
+  p.add_argument("--precision", choices=["fp32", "bf16"])
+  p.add_argument("--optimizer", choices=["reference", "sgd", "adamw"],
+                 help="reference = Caffe SGD (momentum 0.99, summed loss); sgd / adamw with the "
+                 "preset's schedule")
+  p.add_argument("--learning-rate", type=float)
+  p.add_argument("--width-multiplier", type=float)
+  p.add_argument("--aligned", action=argparse.BooleanOptionalAction, default=None,
+                 help="aligned variant (no pad 100) or --no-aligned for the exact reference")
+  p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
+                 help="BatchNorm after every 3x3 conv (VGG16-BN); not in the reference")
+  p.add_argument("--grad-accumulation", type=int,
+                 help="accumulate gradients over N batches per update (Caffe's iter_size)")
+  p.add_argument("--eval-every-epochs", type=int)
+  p.add_argument("--save-every", type=int, help="checkpoint every N steps")
+  p.add_argument("--num-workers", type=int, help="grain worker processes for decoding")
+  p.add_argument("--seed", type=int)
+  p.add_argument("--data-cache", help="where the built-in dataset is written (default "
+                 "~/.cache/fcnjax or $FCNJAX_CACHE)")
+  p.add_argument("--compile-cache", default=None,
+                 help="JAX persistent compilation cache folder, so a resumed or repeated run "
+                 "skips recompiling its buckets ('' to disable; default ~/.cache/fcnjax/xla)")
+  p.add_argument("--tensorboard", action="store_true", default=None,
+                 help="also write TensorBoard event files to WORKDIR/tensorboard")
+  runner.add_run_flags(p)
+
+
+def set_field(config, field: str, value) -> None:
+  section, name = field.split(".")
+  setattr(config[section], name, value)
+
+
+def apply_training_flags(config, args) -> None:
+  """Write every given training flag into ``config`` (flags not given keep the preset's)."""
+  for dest, field in FIELDS.items():
+    value = getattr(args, dest, None)
+    if value is not None:
+      set_field(config, field, value)
+  if args.batch_size is not None:
+    config.data.batch_size = args.batch_size
+    config.data.pixels_per_batch = None
+  if args.pixels_per_batch is not None:
+    config.data.pixels_per_batch = args.pixels_per_batch
+  if args.max_buckets is not None:
+    config.data.max_buckets = args.max_buckets
+  if args.epochs is not None and args.steps is None:
+    config.train.steps = None
+
+
+def finish(config, args, overrides) -> int:
+  """Apply ``--config.*`` overrides, check the config, run it (one ``error:`` line on bad input)."""
+  from fcnjax import configs
+  import sys
+  try:
+    config = runner.apply_overrides(config, overrides)
+    configs.check_fields(config)
+    configs.validate(config)
+  except configs.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return runner.run(config, args)
