@@ -152,3 +152,12 @@ def test_dice_term_and_class_weights_reach_the_step(voc_root, tmp_path):
   assert all(r["loss"] == pytest.approx(r["ce"] + 0.5 * r["dice"], rel=1e-5) for r in recs)
   with pytest.raises(configs.ConfigError, match="3 weights for 21 classes"):
     train(tiny(voc_root, loss__class_weights=(1.0, 2.0, 3.0)), tmp_path / "w")
+
+
+def test_tensorboard_event_files_are_written_when_asked(voc_root, tmp_path):
+  train(tiny(voc_root, train__steps=2, output__tensorboard=True, eval__every_epochs=1), tmp_path)
+  events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert events and events[0].stat().st_size > 0
+  data = b"".join(e.read_bytes() for e in events)
+  for tag in (b"train/loss", b"train/learning_rate", b"val/mean_iu", b"val/predictions"):
+    assert tag in data, tag

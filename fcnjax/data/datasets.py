@@ -31,6 +31,12 @@ def _class_names(data) -> tuple | None:
   return names
 
 
+def _short_name(path) -> str:
+  """``folder/<parent>/<name>`` of a folder, for the log."""
+  p = pathlib.Path(path).expanduser()
+  return f"folder/{p.parent.name}/{p.name}" if p.parent.name else f"folder/{p.name}"
+
+
 def _cache(data):
   return data.cache or None
 
@@ -82,13 +88,13 @@ def folder_sources(data, *, seed: int, print_fn=print) -> Sources:
   opts = dict(mask_values=mask_values, class_names=names,
               num_classes=len(names) if names else None,
               trimap_ignore_border=data.ignore_border)
-  train = readers.folder_source(images, masks, **opts)
+  train = readers.folder_source(images, masks, name=_short_name(images), **opts)
   if val_images:
     # The validation set is read with the training set's classes (never re-inferred).
     val = readers.folder_source(val_images, val_masks, mask_values=mask_values,
                                 class_names=train.class_names, num_classes=train.num_classes,
                                 trimap_ignore_border=data.ignore_border,
-                                name=f"folder/{pathlib.Path(val_images).name}")
+                                name=_short_name(val_images))
     desc = f"{images} (val: {val_images})"
   else:
     n = len(train)
