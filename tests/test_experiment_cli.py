@@ -12,6 +12,7 @@ from PIL import Image
 
 from fcnjax import configs
 from fcnjax.data import datasets, readers
+from fcnjax.experiments import flags
 from fcnjax.experiments import folder as folder_cli
 from fcnjax.experiments import voc_fcn8s
 from train_helpers import REPO, env_with_devices
@@ -56,7 +57,7 @@ def test_folder_flags_map_onto_the_config():
                                    "--classes", "bg,crack", "--val-fraction", "0.2",
                                    "--class-weights", "1,4", "--dice-weight", "0.5"])
   cfg = configs.load("folder")
-  folder_cli.apply_data_flags(cfg, args)
+  flags.apply_data_flags(cfg, args)
   assert (cfg.data.images, cfg.data.masks, cfg.data.mask_values) == ("i", "m", "binary")
   assert cfg.data.classes == "bg,crack" and cfg.data.val_fraction == 0.2
   assert cfg.loss.class_weights == (1.0, 4.0) and cfg.loss.dice_weight == 0.5

@@ -23,10 +23,12 @@ import dataclasses
 import numpy as np
 
 DEFAULT_COMPILE_S_PER_BUCKET = 3.0
-"""Seconds to compile one new train-step shape (FCN-8s VGG16 on XLA:CPU: ~3 s, any size)."""
+"""Seconds to compile one new train-step shape: the CPU default of the ``auto`` cost model
+(an FCN-8s VGG16 train step on XLA:CPU; measurements in benchmarks/RESULTS.md)."""
 DEFAULT_S_PER_PIXEL = 6e-5
-"""Train-step seconds per input pixel, batch 1: FCN-8s VGG16 float32 on 2 CPU cores does a
-500x375 step in ~11 s (STACK_NOTES), i.e. ~6e-5 s/pixel. A GPU is ~1000x less."""
+"""Train-step seconds per input pixel at batch 1: the CPU default of the ``auto`` cost model
+(a full-width FCN-8s float32 step on 2 CPU cores; a GPU is about 1000x less; measurements in
+benchmarks/RESULTS.md)."""
 
 
 def _as_sizes(sizes) -> np.ndarray:

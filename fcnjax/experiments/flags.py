@@ -61,6 +61,13 @@ def add_training_flags(p: argparse.ArgumentParser, *, models=None) -> None:
   runner.add_run_flags(p)
 
 
+def add_loss_flags(p: argparse.ArgumentParser) -> None:
+  """Loss options for unbalanced classes (e.g. a small foreground)."""
+  p.add_argument("--class-weights", help="comma-separated cross-entropy weight per class, "
+                 "e.g. 1,5")
+  p.add_argument("--dice-weight", type=float, help="add this times the soft Dice loss")
+
+
 def set_field(config, field: str, value) -> None:
   section, name = field.split(".")
   setattr(config[section], name, value)
@@ -81,6 +88,24 @@ def apply_training_flags(config, args) -> None:
     config.data.max_buckets = args.max_buckets
   if args.epochs is not None and args.steps is None:
     config.train.steps = None
+
+
+def apply_data_flags(config, args) -> None:
+  """The data and loss flags of the folder / pets CLIs -> config fields."""
+  for dest, field in (("images", "data.images"), ("masks", "data.masks"),
+                      ("mask_values", "data.mask_values"), ("classes", "data.classes"),
+                      ("val_fraction", "data.val_fraction"), ("val_images", "data.val_images"),
+                      ("val_masks", "data.val_masks"), ("ignore_border", "data.ignore_border"),
+                      ("dice_weight", "loss.dice_weight"), ("root", "data.root")):
+    value = getattr(args, dest, None)
+    if value is not None:
+      set_field(config, field, value)
+  if getattr(args, "class_weights", None):
+    try:
+      config.loss.class_weights = tuple(float(w) for w in args.class_weights.split(","))
+    except ValueError:
+      raise SystemExit(f"error: --class-weights {args.class_weights!r}: expected "
+                       "comma-separated numbers, e.g. 1,5")
 
 
 def finish(config, args, overrides) -> int:

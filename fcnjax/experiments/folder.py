@@ -43,35 +43,16 @@ def parse_args(argv=None):
   p.add_argument("--val-masks", help="folder of validation masks")
   p.add_argument("--ignore-border", action="store_true", default=None,
                  help="trimap masks: ignore the border (2 classes) instead of a border class")
-  p.add_argument("--class-weights", help="comma-separated cross-entropy weight per class")
-  p.add_argument("--dice-weight", type=float, help="add this times the soft Dice loss")
+  flags.add_loss_flags(p)
   p.add_argument("--preset", choices=sorted(folder_config.PRESETS), default=None)
   flags.add_training_flags(p)
   return p.parse_known_args(argv)
 
 
-def apply_data_flags(config, args) -> None:
-  """The data and loss flags of the folder / pets CLIs -> config fields."""
-  for dest, field in (("images", "data.images"), ("masks", "data.masks"),
-                      ("mask_values", "data.mask_values"), ("classes", "data.classes"),
-                      ("val_fraction", "data.val_fraction"), ("val_images", "data.val_images"),
-                      ("val_masks", "data.val_masks"), ("ignore_border", "data.ignore_border"),
-                      ("dice_weight", "loss.dice_weight"), ("root", "data.root")):
-    value = getattr(args, dest, None)
-    if value is not None:
-      flags.set_field(config, field, value)
-  if getattr(args, "class_weights", None):
-    try:
-      config.loss.class_weights = tuple(float(w) for w in args.class_weights.split(","))
-    except ValueError:
-      raise SystemExit(f"error: --class-weights {args.class_weights!r}: expected "
-                       "comma-separated numbers, e.g. 1,5")
-
-
 def main(argv=None) -> int:
   args, overrides = parse_args(argv)
   config = folder_config.get_config(args.preset)
-  apply_data_flags(config, args)
+  flags.apply_data_flags(config, args)
   flags.apply_training_flags(config, args)
   return flags.finish(config, args, overrides)
 

@@ -20,7 +20,6 @@ import sys
 
 from fcnjax.configs import pets as pets_config
 from fcnjax.experiments import flags
-from fcnjax.experiments.folder import apply_data_flags
 
 
 def parse_args(argv=None):
@@ -31,8 +30,7 @@ def parse_args(argv=None):
   p.add_argument("--root", help="the Oxford-IIIT Pets folder (default: the built-in dataset)")
   p.add_argument("--ignore-border", action="store_true", default=None,
                  help="2 classes (background, pet) with the trimap border ignored")
-  p.add_argument("--class-weights", help="comma-separated cross-entropy weight per class")
-  p.add_argument("--dice-weight", type=float, help="add this times the soft Dice loss")
+  flags.add_loss_flags(p)
   p.add_argument("--preset", choices=sorted(pets_config.PRESETS), default=None)
   flags.add_training_flags(p)
   return p.parse_known_args(argv)
@@ -41,7 +39,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
   args, overrides = parse_args(argv)
   config = pets_config.get_config(args.preset)
-  apply_data_flags(config, args)
+  flags.apply_data_flags(config, args)
   flags.apply_training_flags(config, args)
   return flags.finish(config, args, overrides)
 
