@@ -486,6 +486,19 @@ def pooled_fit(results) -> dict:
   return fit_step_time(*zip(*pts))
 
 
+def pixel_cost(bucket_results, results) -> float:
+  """Seconds per padded pixel for the ``auto`` planner: the slope of the bucket strategies' fit;
+  where timing noise makes that slope <= 0 (few shapes on a busy machine: a per-pixel cost cannot
+  be negative), the slope of the fit over every strategy, else the through-origin ratio
+  mean(step s) / mean(pixels), which is always positive."""
+  for fit in (pooled_fit(bucket_results), pooled_fit(results)):
+    if fit["b_s_per_px"] > 0:
+      return fit["b_s_per_px"]
+  pts = np.asarray([(b["model_pixels"], b["step_s"]) for r in results for b in r["buckets"]],
+                   np.float64)
+  return float(pts[:, 1].mean() / pts[:, 0].mean())
+
+
 def own_fit(result, min_points: int = 3):
   """A strategy's own fit when it measured >= ``min_points`` shapes of distinct pixels (its batch
   size and shape mix), else None."""
@@ -680,7 +693,8 @@ def markdown(report: dict) -> str:
   a = report["auto"]
   lines += ["", f"`auto` K for {a['epochs']} epochs with the measured costs (compile "
             f"{a['compile_s_per_bucket']:.2f} s per bucket = median first bucket compile; "
-            f"{a['s_per_pixel']:.3e} s per padded pixel = the fit's slope): **K = {a['auto_k']}** "
+            f"{a['s_per_pixel']:.3e} s per padded pixel, the fit's slope, see pixel_cost): "
+            f"**K = {a['auto_k']}** "
             f"(padding {100 * a['auto_padded_fraction']:.1f} %), minimising compile + pixel cost "
             "(selected K shown; all in the JSON):",
             "", "| K | buckets | padding % | compile cost s | pixel cost s | total s |",
@@ -819,7 +833,7 @@ def main(argv=None) -> int:
   bucket_results = [r for r in results if r["name"].startswith("buckets-")] or results
   bucket_fit = pooled_fit(bucket_results)
   auto = auto_cost_table(sizes, compile_s_per_bucket=cold_compile_median(bucket_results),
-                         s_per_pixel=bucket_fit["b_s_per_px"], epochs=a.epochs,
+                         s_per_pixel=pixel_cost(bucket_results, results), epochs=a.epochs,
                          granularity=a.granularity)
   if "auto" in ks:
     def bsz(shapes):

@@ -141,3 +141,14 @@ def test_bad_size_table_is_one_error_line_naming_the_file(tmp_path, capsys, cont
   assert len(err) == 1 and err[0].startswith("error: ") and str(path) in err[0], err
   assert problem in err[0]
   assert not (tmp_path / "o.json").exists()
+
+
+def test_pixel_cost_is_positive_even_when_noise_tilts_the_fit():
+  from benchmarks import buckets as bb
+  def res(points):
+    return [{"buckets": [{"model_pixels": p, "step_s": t} for p, t in points]}]
+  rising = res([(1000, 0.2), (2000, 0.3), (4000, 0.5)])
+  assert bb.pixel_cost(rising, rising) == pytest.approx(1e-4)
+  tilted = res([(1000, 0.31), (2000, 0.30), (4000, 0.29)])  # noise: slope < 0
+  assert bb.pixel_cost(tilted, tilted + rising) > 0         # the pooled fit's slope
+  assert bb.pixel_cost(tilted, tilted) == pytest.approx(0.30 / (7000 / 3))  # through origin
