@@ -59,6 +59,8 @@ def test_overrides_are_typed():
     ("--config.train.steps=x", "invalid literal for int"),
     ("--config.optim.learning_rate=abc", "could not convert string to float"),
     ("--config.train.epochs=1.5", "train.epochs"),
+    ("--lr=0.1", "unknown argument --lr"),
+    ("stray", "unexpected argument 'stray'"),
 ])
 def test_bad_overrides_are_one_clear_error(override, message):
   with pytest.raises(configs.ConfigError, match=message):

@@ -59,9 +59,12 @@ def apply_overrides(config, overrides):
   config_flags.DEFINE_config_dict("config", config, flag_values=fv, lock_config=True,
                                   sys_argv=argv)
   try:
-    fv(argv)
+    rest = fv(argv)
   except (flags.Error, ValueError, TypeError, AttributeError, KeyError) as e:
     raise configs.ConfigError(" ".join(str(e).split())) from None
+  if len(rest) > 1:
+    raise configs.ConfigError(f"unexpected argument {rest[1]!r} (overrides are "
+                              "--config.FIELD=VALUE)")
   return fv.config
 
 
