@@ -98,10 +98,12 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def cpu_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The small CPU model of the default runs: aligned FCN-8s at 1/8 of VGG16's widths, trained
-  with AdamW and a cosine schedule (aligned: the exact pad-100 geometry makes every step on small
-  images several times slower on a CPU; see benchmarks/RESULTS.md)."""
+def cpu_model(c: ml_collections.ConfigDict, *, epochs: int, eval_every_epochs: int,
+              scale_range: tuple = ()) -> ml_collections.ConfigDict:
+  """The small CPU run of the default experiments: aligned FCN-8s at 1/8 of VGG16's widths,
+  AdamW with a cosine schedule, batch 8 in 4 size buckets, flips (+ ``scale_range``), a
+  checkpoint every 250 steps. (Aligned: the exact pad-100 geometry makes every step on small
+  images several times slower on a CPU; see benchmarks/RESULTS.md.)"""
   c.model.name = "fcn8s"
   c.model.width_multiplier = 1 / 8
   c.model.aligned = True
@@ -111,6 +113,19 @@ def cpu_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optim.schedule = "cosine"
   c.optim.warmup_steps = 20
   c.loss.reduction = "mean"
+  c.train.epochs = epochs
+  c.data.batch_size = 8
+  c.data.max_buckets = "4"
+  c.augment.update(flip=True, scale_range=tuple(scale_range))
+  c.eval.every_epochs = eval_every_epochs
+  c.checkpoint.save_every = 250
+  return c
+
+
+def quick_check(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A few steps and no evaluation before the end: the ``smoke`` presets of folder / pets."""
+  c.train.steps = 20
+  c.eval.every_epochs = 1000
   return c
 
 

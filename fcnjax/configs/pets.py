@@ -15,19 +15,12 @@ from fcnjax.configs import base
 
 
 def default(c):
-  base.cpu_model(c)
-  c.train.epochs = 5
-  c.data.batch_size = 8
-  c.data.max_buckets = "4"
-  c.augment.update(flip=True, scale_range=(0.75, 1.25))
-  c.eval.every_epochs = 2
-  c.checkpoint.save_every = 250
+  base.cpu_model(c, epochs=5, eval_every_epochs=2, scale_range=(0.75, 1.25))
 
 
 def smoke(c):
   default(c)
-  c.train.steps = 20
-  c.eval.every_epochs = 1000
+  base.quick_check(c)
 
 
 def full(c):

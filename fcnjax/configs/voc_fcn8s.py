@@ -15,14 +15,7 @@ Presets (``--config voc_fcn8s:PRESET``; default ``smoke``):
 from fcnjax.configs import base
 
 def smoke(c):
-  base.cpu_model(c)
-  c.train.epochs = 4
-  c.data.batch_size = 8
-  c.data.max_buckets = "4"
-  c.augment.flip = True
-  c.augment.scale_range = ()
-  c.eval.every_epochs = 1
-  c.checkpoint.save_every = 250
+  base.cpu_model(c, epochs=4, eval_every_epochs=1)
 
 
 def fast(c):
