@@ -6,6 +6,10 @@ model, num_classes, preprocessing, ...) that ``fcnjax.weights.load(DST)`` reads 
 
 ``inspect FILE`` prints the keys, shapes and dtypes, the parameter count, the inferred layout and
 any metadata.
+
+Errors: any problem with a file (missing, empty, truncated, not the format its extension says,
+missing keys, wrong shapes or dtypes, malformed metadata, an unwritable output) prints one line
+``error: PATH: ...`` on stderr and exits with status 2 — never a traceback.
 """
 
 from __future__ import annotations
@@ -73,9 +77,14 @@ def main(argv=None) -> int:
           f"{meta.get('num_classes', '-')} classes, preprocessing {meta.get('preprocessing')}")
     print(report)
     return 0
-  except (WeightsError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (WeightsError, OSError) as e:  # OSError: a safety net, io wraps what it knows of
+    print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
+
+
+def _one_line(e: BaseException) -> str:
+  """``str(e)`` on one line (a multi-line library message would split the ``error:`` line)."""
+  return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

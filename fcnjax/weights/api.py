@@ -2,10 +2,17 @@
 
 ``src`` arguments are a path (``.safetensors``, ``.npz``, ``.pth``/``.pt`` with PyTorch) or an
 in-memory mapping ``{key: array}`` (e.g. ``{k: v.numpy() for k, v in sd.items()}``).
+
+Contract of every function here: any problem with the weights (missing or unreadable file,
+missing / malformed keys or metadata, wrong shapes, ranks, dtypes or class count, a geometry
+change) raises a :class:`~fcnjax.weights.errors.WeightsError` — for a path, with the message
+starting ``"PATH: "`` and ``err.path`` set — and leaves the model untouched.
 """
 
 from __future__ import annotations
 
+import operator
+import os
 from typing import Mapping
 
 import jax
@@ -17,11 +24,17 @@ from fcnjax import models
 from fcnjax.models import registry
 from fcnjax.models.registry import build_model
 from fcnjax.weights import io, layouts as L
-from fcnjax.weights.errors import LayoutError, WeightsError
+from fcnjax.weights.errors import (LayoutError, MissingKeyError, ShapeMismatchError, WeightsError,
+                                   about_file)
 from fcnjax.weights.loading import (LoadReport, apply, default_preprocessing, _source,
-                                    resolve_preprocessing)
+                                    parse_fcnjax_metadata, resolve_preprocessing)
 
 FORMAT_VERSION = "1"
+
+
+def _path_of(src):
+  """The file behind ``src`` (``None`` for an in-memory mapping or anything not a path)."""
+  return src if isinstance(src, (str, bytes, os.PathLike)) else None
 
 
 def _has_heads(tensors) -> bool:
@@ -29,7 +42,8 @@ def _has_heads(tensors) -> bool:
   return any(k.startswith(("score", "upscore")) for k in tensors)
 
 
-def load_vgg16_imagenet(model, src, *, layout: str | None = None, preprocessing=None) -> LoadReport:
+def load_vgg16_imagenet(model, src, *, layout: str | None = None, preprocessing=None,
+                        allow_geometry_change: bool = False) -> LoadReport:
   """Load ImageNet VGG16 weights into ``model``'s backbone (conv1_1 … conv5_3, fc6, fc7).
 
   Accepts torchvision's layout (``vgg16-397923af.pth``: fc6/fc7 by surgery from
@@ -38,16 +52,22 @@ def load_vgg16_imagenet(model, src, *, layout: str | None = None, preprocessing=
   name, or pass ``preprocessing="caffe"``), or pytorch-fcn-style named keys (``conv1_1`` …
   ``fc7``). Score and upsampling layers are not touched (they stay as initialised: zeros /
   bilinear). Sets ``model.preprocessing``. Returns a :class:`LoadReport`.
+
+  Given a *trained* FCN file (pytorch-fcn checkpoint), its backbone has that file's geometry
+  (exact): loading it into an aligned model raises :class:`~fcnjax.weights.errors.GeometryError`
+  unless ``allow_geometry_change=True``. ImageNet files are fine for either geometry.
   """
-  tensors, metadata, path = _source(src)
-  layout = layout or L.infer_layout(tensors, metadata)
-  if layout == L.FCNJAX:
-    raise LayoutError("this is an fcnjax file; use fcnjax.weights.load or init_from")
-  return apply(model, tensors, layout, metadata=metadata, path=path, heads=False,
-               preprocessing=preprocessing)
+  with about_file(_path_of(src)):
+    tensors, metadata, path = _source(src)
+    layout = layout or L.infer_layout(tensors, metadata)
+    if layout == L.FCNJAX:
+      raise LayoutError("this is an fcnjax file; use fcnjax.weights.load or init_from")
+    return apply(model, tensors, layout, metadata=metadata, path=path, heads=False,
+                 preprocessing=preprocessing, allow_geometry_change=allow_geometry_change)
 
 
-def load_pytorch_fcn(model, src, *, reinit_scores: bool = False, preprocessing=None) -> LoadReport:
+def load_pytorch_fcn(model, src, *, reinit_scores: bool = False, preprocessing=None,
+                     allow_geometry_change: bool = False) -> LoadReport:
   """Load a pytorch-fcn FCN-32s/16s/8s/8s-at-once checkpoint (e.g. ``fcn8s_from_caffe.pth``).
 
   The model must be the matching architecture. Transposed-conv kernels ``(C, C, k, k)`` are
@@ -55,23 +75,35 @@ def load_pytorch_fcn(model, src, *, reinit_scores: bool = False, preprocessing=N
   for fixed upsampling they are checked to be the bilinear kernel (|diff| ≤ ``BILINEAR_ATOL``)
   and a learned kernel raises :class:`~fcnjax.weights.errors.UpsamplingKernelError`.
   ``reinit_scores=True`` loads only the backbone (another class count). Caffe preprocessing.
+  pytorch-fcn's FCNs are exact (pad 100): into an aligned model they raise
+  :class:`~fcnjax.weights.errors.GeometryError` unless ``allow_geometry_change=True`` (even with
+  ``reinit_scores=True``: the backbone's features differ too).
   """
-  tensors, metadata, path = _source(src)
-  return apply(model, tensors, L.PYTORCH_FCN, metadata=metadata, path=path,
-               reinit_scores=reinit_scores, preprocessing=preprocessing)
+  with about_file(_path_of(src)):
+    tensors, metadata, path = _source(src)
+    return apply(model, tensors, L.PYTORCH_FCN, metadata=metadata, path=path,
+                 reinit_scores=reinit_scores, preprocessing=preprocessing,
+                 allow_geometry_change=allow_geometry_change)
 
 
 def load_into(model, src, *, layout: str | None = None, reinit_scores: bool = False,
-              preprocessing=None) -> LoadReport:
-  """Load a file of any layout (inferred unless given) strictly into an existing ``model``."""
-  tensors, metadata, path = _source(src)
-  layout = layout or L.infer_layout(tensors, metadata)
-  return apply(model, tensors, layout, metadata=metadata, path=path,
-               reinit_scores=reinit_scores, preprocessing=preprocessing,
-               heads=_has_heads(tensors))
+              preprocessing=None, allow_geometry_change: bool = False) -> LoadReport:
+  """Load a file of any layout (inferred unless given) strictly into an existing ``model``.
+
+  Trained FCN weights of the other geometry (exact pad-100 vs aligned; see
+  :func:`fcnjax.weights.loading.file_geometry`) raise
+  :class:`~fcnjax.weights.errors.GeometryError` unless ``allow_geometry_change=True``.
+  """
+  with about_file(_path_of(src)):
+    tensors, metadata, path = _source(src)
+    layout = layout or L.infer_layout(tensors, metadata)
+    return apply(model, tensors, layout, metadata=metadata, path=path,
+                 reinit_scores=reinit_scores, preprocessing=preprocessing,
+                 heads=_has_heads(tensors), allow_geometry_change=allow_geometry_change)
 
 
-def init_from(src, model, *, reinit_scores: bool = False, preprocessing=None) -> LoadReport:
+def init_from(src, model, *, reinit_scores: bool = False, preprocessing=None,
+              allow_geometry_change: bool = False) -> LoadReport:
   """Initialise ``model`` from any supported file, for training (the experiments' ``--init``).
 
   * ImageNet VGG16 (torchvision layout, or pytorch-fcn's ``vgg16_from_caffe.pth``): backbone
@@ -81,15 +113,21 @@ def init_from(src, model, *, reinit_scores: bool = False, preprocessing=None) ->
     with the same shape, and otherwise keep their init — so FCN-32s weights initialise an
     FCN-16s, and FCN-16s an FCN-8s, with the new skip heads at zero (the paper's cascade).
   * ``reinit_scores=True``: backbone only, for another number of classes.
+  * geometry: trained FCN weights (a pytorch-fcn FCN checkpoint — exact —, or an fcnjax file
+    whose metadata says ``aligned`` true/false) into a model of the other geometry raise
+    :class:`~fcnjax.weights.errors.GeometryError` (also with ``reinit_scores=True``) unless
+    ``allow_geometry_change=True`` (``--allow-geometry-change``). ImageNet VGG16 files have no
+    geometry and initialise either variant.
 
   Sets ``model.preprocessing`` to the file's convention unless ``preprocessing`` is given.
   Returns a :class:`LoadReport` (``kept_init`` lists what kept its initialisation).
   """
-  tensors, metadata, path = _source(src)
-  layout = L.infer_layout(tensors, metadata)
-  return apply(model, tensors, layout, metadata=metadata, path=path, lenient_heads=True,
-               reinit_scores=reinit_scores, heads=_has_heads(tensors),
-               preprocessing=preprocessing)
+  with about_file(_path_of(src)):
+    tensors, metadata, path = _source(src)
+    layout = L.infer_layout(tensors, metadata)
+    return apply(model, tensors, layout, metadata=metadata, path=path, lenient_heads=True,
+                 reinit_scores=reinit_scores, heads=_has_heads(tensors),
+                 preprocessing=preprocessing, allow_geometry_change=allow_geometry_change)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +162,21 @@ def describe(model) -> dict[str, str]:
 
 
 def _model_from_file(tensors, metadata, layout, path, model_override=None, num_classes=None):
-  """The :func:`build_model` keyword arguments of the model a file describes."""
+  """The :func:`build_model` keyword arguments of the model a file describes.
+
+  Raises (never a raw ``KeyError`` / ``IndexError``): :class:`MissingKeyError` for a tensor the
+  description needs (``conv1_1.weight`` / ``features.0.weight`` for the width),
+  :class:`ShapeMismatchError` for one of the wrong rank, :class:`FormatError` for malformed
+  fcnjax metadata, :class:`LayoutError` for an unknown layout, :class:`WeightsError` for an
+  unknown model name or a class count below 1.
+  """
+  if num_classes is not None:
+    try:
+      ok = operator.index(num_classes) >= 1
+    except TypeError:
+      ok = False
+    if not ok:
+      raise WeightsError(f"num_classes must be a positive integer, got {num_classes!r}")
   return _checked_name(_spec_from_file(tensors, metadata, layout, path, model_override,
                                        num_classes))
 
@@ -136,36 +188,54 @@ def _checked_name(spec: dict) -> dict:
   return spec
 
 
+def _width_from(tensors, key: str, layout: str) -> float:
+  """Width multiplier from the first conv's weight ``key`` (a 4-D ``(out, in, kh, kw)``)."""
+  if key not in tensors:
+    raise MissingKeyError([key], layout,
+                          purpose="needed to build the model from the file: it gives the width")
+  w = tensors[key]
+  if w.ndim != 4:
+    raise ShapeMismatchError(key, "a 4-D conv weight (out, in, kh, kw)", w.shape)
+  return L.width_multiplier_of(int(w.shape[0]))
+
+
 def _spec_from_file(tensors, metadata, layout, path, model_override, num_classes):
+  if layout not in L.LAYOUTS:
+    raise LayoutError(f"unknown layout {layout!r}; expected one of {L.LAYOUTS}")
   if layout == L.FCNJAX:
-    if "model" not in metadata:
-      raise LayoutError(f"{path}: fcnjax file without metadata; pass model=...")
-    name = model_override or metadata["model"]
+    meta = parse_fcnjax_metadata(metadata)
+    if "model" not in metadata and not model_override:
+      raise LayoutError("fcnjax file without metadata 'model'; pass model_name_override=... "
+                        "(or a model)")
     return dict(
-        name=name, num_classes=num_classes or int(metadata.get("num_classes", 21)),
-        width_multiplier=float(metadata.get("width_multiplier", 1.0)),
-        aligned=metadata.get("aligned", "false") == "true", pool=metadata.get("pool", "ceil"),
-        learnable_upsampling=metadata.get("learnable_upsampling", "false") == "true")
-  if layout == L.TORCHVISION_VGG16:
-    width = L.width_multiplier_of(tensors["features.0.weight"].shape[0])
+        name=model_override or meta["model"],
+        num_classes=num_classes or meta.get("num_classes", 21),
+        width_multiplier=meta.get("width_multiplier", 1.0), aligned=meta.get("aligned", False),
+        pool=meta.get("pool", "ceil"),
+        learnable_upsampling=meta.get("learnable_upsampling", False))
+  if layout == L.TORCHVISION_VGG16 or ("conv1_1.weight" not in tensors
+                                       and "features.0.weight" in tensors):  # vgg16_from_caffe
+    width = _width_from(tensors, "features.0.weight", layout)
     return dict(name=model_override or "vgg16", num_classes=num_classes or 21,
-                       width_multiplier=width)
-  if "conv1_1.weight" not in tensors and "features.0.weight" in tensors:  # vgg16_from_caffe
-    width = L.width_multiplier_of(tensors["features.0.weight"].shape[0])
-    return dict(name=model_override or "vgg16", num_classes=num_classes or 21,
-                       width_multiplier=width)
+                width_multiplier=width)
+  width = _width_from(tensors, "conv1_1.weight", layout)
   name = model_override or L.infer_pytorch_fcn_model(tensors, path)
-  width = L.width_multiplier_of(tensors["conv1_1.weight"].shape[0])
-  file_classes = int(tensors["score_fr.weight"].shape[0]) if "score_fr.weight" in tensors else 21
+  file_classes = 21
+  if "score_fr.weight" in tensors:
+    w = tensors["score_fr.weight"]
+    if w.ndim not in (2, 4) or w.shape[0] < 1:
+      raise ShapeMismatchError("score_fr.weight", "a 4-D conv weight (classes, in, 1, 1)", w.shape)
+    file_classes = int(w.shape[0])
   ups = [k for k in L.pytorch_fcn_upscore_keys() if k in tensors]
   from fcnjax.weights.loading import BILINEAR_ATOL
   learnable = any(not L.is_bilinear_deconv(tensors[k], BILINEAR_ATOL) for k in ups)
   return dict(name=name, num_classes=num_classes or file_classes, width_multiplier=width,
-                     learnable_upsampling=learnable)
+              learnable_upsampling=learnable)
 
 
 def load(src, model=None, *, layout: str | None = None, model_name_override: str | None = None,
-         num_classes: int | None = None, reinit_scores: bool = False, preprocessing=None):
+         num_classes: int | None = None, reinit_scores: bool = False, preprocessing=None,
+         allow_geometry_change: bool = False):
   """Load weights and return the model.
 
   With ``model=None`` the architecture is built from the file: an fcnjax file's metadata (model,
@@ -175,21 +245,41 @@ def load(src, model=None, *, layout: str | None = None, model_name_override: str
   ``model``, loads strictly into it. ``num_classes`` (with ``reinit_scores=True``) builds a model
   for another class count whose score layers start fresh. ``model.preprocessing`` is set to the
   weights' convention (or ``preprocessing``).
+
+  ``allow_geometry_change`` only matters with a ``model`` (a model built from the file has the
+  file's geometry): trained FCN weights of the other geometry raise
+  :class:`~fcnjax.weights.errors.GeometryError` unless it is ``True``. Building from a file that
+  lacks what the description needs (e.g. ``conv1_1.weight``), has malformed metadata or an
+  unknown model name raises a :class:`~fcnjax.weights.errors.WeightsError` naming file and key.
   """
-  tensors, metadata, path = _source(src)
-  layout = layout or L.infer_layout(tensors, metadata)
-  if model is None:
-    spec = _model_from_file(tensors, metadata, layout, path, model_name_override, num_classes)
-    return _build_and_load(spec, tensors, layout, metadata=metadata, path=path,
-                           reinit_scores=reinit_scores, heads=_has_heads(tensors),
-                           preprocessing=preprocessing)[0]
-  apply(model, tensors, layout, metadata=metadata, path=path, reinit_scores=reinit_scores,
-        heads=_has_heads(tensors), preprocessing=preprocessing)
-  return model
+  with about_file(_path_of(src)):
+    tensors, metadata, path = _source(src)
+    layout = layout or L.infer_layout(tensors, metadata)
+    if model is None:
+      spec = _model_from_file(tensors, metadata, layout, path, model_name_override, num_classes)
+      return _build_and_load(spec, tensors, layout, metadata=metadata, path=path,
+                             reinit_scores=reinit_scores, heads=_has_heads(tensors),
+                             preprocessing=preprocessing)[0]
+    apply(model, tensors, layout, metadata=metadata, path=path, reinit_scores=reinit_scores,
+          heads=_has_heads(tensors), preprocessing=preprocessing,
+          allow_geometry_change=allow_geometry_change)
+    return model
 
 
 def _is_abstract(var) -> bool:
   return isinstance(var.get_value(), jax.ShapeDtypeStruct)
+
+
+def _build(spec: dict, abstract: bool = False):
+  """``build_model(**spec)`` (under ``nnx.eval_shape`` if ``abstract``); a ``ValueError`` /
+  ``TypeError`` from it (a description the registry cannot build) becomes a ``WeightsError``."""
+  try:
+    return nnx.eval_shape(lambda: build_model(**spec)) if abstract else build_model(**spec)
+  except WeightsError:
+    raise
+  except (ValueError, TypeError) as e:
+    desc = ", ".join(f"{k}={v!r}" for k, v in sorted(spec.items()))
+    raise WeightsError(f"cannot build the model the file describes ({desc}): {e}") from e
 
 
 def _build_and_load(spec: dict, tensors, layout, **apply_kwargs):
@@ -203,11 +293,11 @@ def _build_and_load(spec: dict, tensors, layout, **apply_kwargs):
   seeded freshly (key ``fold_in(key(seed), i)``, count 0).
   """
   seed = spec.get("seed", 0)
-  model = nnx.eval_shape(lambda: build_model(**spec))
+  model = _build(spec, abstract=True)
   report = apply(model, tensors, layout, **apply_kwargs)
   left = {k: v for k, v in L.flat_variables(model, (nnx.Variable,)).items() if _is_abstract(v)}
   if any(isinstance(v, (nnx.Param, nnx.BatchStat)) for v in left.values()):
-    model = build_model(**spec)
+    model = _build(spec)
     return model, apply(model, tensors, layout, **apply_kwargs)
   for i, (k, v) in enumerate(sorted(left.items())):
     if isinstance(v, nnx.RngKey):
@@ -231,15 +321,19 @@ def state_arrays(model) -> dict[str, np.ndarray]:
 def save(model, path, *, metadata: Mapping[str, str] | None = None) -> None:
   """Write ``model``'s weights to an fcnjax ``.safetensors`` (readable without PyTorch).
 
-  Metadata records the architecture (``model``, ``num_classes``, ``width_multiplier``,
-  ``learnable_upsampling``, ...) and ``preprocessing``, plus ``metadata`` (e.g. ``layout``: the
-  source layout of a conversion). ``fcnjax.weights.load(path)`` rebuilds and loads the model.
+  Metadata (:func:`describe`) records the architecture (``model``, ``num_classes``,
+  ``width_multiplier``, ``aligned`` — ``"true"``/``"false"``, the geometry the loaders check —,
+  ``pool``, ``learnable_upsampling``) and ``preprocessing``, plus ``metadata`` (e.g. ``layout``:
+  the source layout of a conversion). ``fcnjax.weights.load(path)`` rebuilds and loads the
+  model. A ``.npz`` path writes the arrays only (no metadata). A failed write raises
+  :class:`~fcnjax.weights.errors.FormatError` ``"PATH: cannot write the weight file (...)"``.
   """
-  meta = describe(model) | {str(k): str(v) for k, v in (metadata or {}).items()}
-  if str(path).endswith(".npz"):
-    io.write_npz(path, state_arrays(model))
-    return
-  io.write_safetensors(path, state_arrays(model), meta)
+  with about_file(path):
+    meta = describe(model) | {str(k): str(v) for k, v in (metadata or {}).items()}
+    if str(path).endswith(".npz"):
+      io.write_npz(path, state_arrays(model))
+      return
+    io.write_safetensors(path, state_arrays(model), meta)
 
 
 def convert(src, dst, *, layout: str, model: str | None = None, num_classes: int | None = None,
@@ -249,21 +343,24 @@ def convert(src, dst, *, layout: str, model: str | None = None, num_classes: int
   ``model`` defaults to ``vgg16`` (backbone only) for ImageNet files and to the architecture
   inferred from a pytorch-fcn FCN file's keys. Building an FCN from an ImageNet VGG16 file gives
   zero score layers (``num_classes``, default 21). Returns ``(model, report)``.
+
+  Errors about ``src`` start with ``"SRC: "``, a failed write with ``"DST: "``.
   """
-  tensors, metadata, path = _source(src)
-  found = L.infer_layout(tensors, metadata)
   if layout not in (L.TORCHVISION_VGG16, L.PYTORCH_FCN, L.FCNJAX):
-    raise LayoutError(f"unknown layout {layout!r}")
-  compatible = {L.TORCHVISION_VGG16: (L.TORCHVISION_VGG16,),
-                L.PYTORCH_FCN: (L.PYTORCH_FCN, L.TORCHVISION_VGG16), L.FCNJAX: (L.FCNJAX,)}
-  if found not in compatible[layout]:
-    raise LayoutError(f"{src}: asked for layout {layout!r} but the keys look like {found!r}")
-  spec = _model_from_file(tensors, metadata, found, path, model, num_classes)
-  pre = resolve_preprocessing(preprocessing)
-  if pre is None and layout == L.PYTORCH_FCN:
-    pre = resolve_preprocessing("caffe")  # pytorch-fcn's files (its VGG16 too) are Caffe's
-  m, report = _build_and_load(spec, tensors, found, metadata=metadata, path=path,
-                              heads=_has_heads(tensors), preprocessing=pre)
+    raise LayoutError(f"unknown layout {layout!r}; expected one of {L.LAYOUTS}")
+  with about_file(_path_of(src)):
+    tensors, metadata, path = _source(src)
+    found = L.infer_layout(tensors, metadata)
+    compatible = {L.TORCHVISION_VGG16: (L.TORCHVISION_VGG16,),
+                  L.PYTORCH_FCN: (L.PYTORCH_FCN, L.TORCHVISION_VGG16), L.FCNJAX: (L.FCNJAX,)}
+    if found not in compatible[layout]:
+      raise LayoutError(f"asked for layout {layout!r} but the keys look like {found!r}")
+    spec = _model_from_file(tensors, metadata, found, path, model, num_classes)
+    pre = resolve_preprocessing(preprocessing)
+    if pre is None and layout == L.PYTORCH_FCN:
+      pre = resolve_preprocessing("caffe")  # pytorch-fcn's files (its VGG16 too) are Caffe's
+    m, report = _build_and_load(spec, tensors, found, metadata=metadata, path=path,
+                                heads=_has_heads(tensors), preprocessing=pre)
   save(m, dst, metadata={"layout": layout})
   return m, report
 
