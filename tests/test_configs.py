@@ -70,11 +70,11 @@ def test_bad_overrides_are_one_clear_error(override, message):
 @pytest.mark.parametrize("field, value, message", [
     ("model.name", "fcn9s", "not a model"),
     ("model.precision", "fp16", "must be one of fp32, bf16"),
-    ("data.max_buckets", "0", "positive integer or 'auto'"),
+    ("data.max_buckets", "0", r"positive integer \(1, 2, ...\) or 'auto'"),
     ("data.batch_size", 0, "must be a positive integer"),
     ("train.epochs", -1, "must be a positive integer"),
-    ("optim.learning_rate", -1.0, "must be > 0"),
-    ("model.width_multiplier", 0.0, "must be > 0"),
+    ("optim.learning_rate", -1.0, "must be a positive number"),
+    ("model.width_multiplier", 0.0, "must be >= 1/64"),
     ("augment.scale_range", (2.0, 1.0), "0 < lo <= hi"),
     ("data.val_fraction", 1.0, r"in \(0, 1\)"),
 ])

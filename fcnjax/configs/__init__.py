@@ -18,6 +18,7 @@ import difflib
 import importlib
 import importlib.util
 import json
+import math
 import pathlib
 import pkgutil
 
@@ -26,7 +27,7 @@ import ml_collections
 from fcnjax.configs import base
 
 FREE_ON_RESUME = ("data.num_workers", "data.cache", "train.log_every", "output.tensorboard",
-                  "output.compile_cache")
+                  "output.compile_cache", "data.on_bad_data", "data.validate")
 """Fields that do not change what a run computes: a resumed run may change them freely."""
 OPEN_SECTIONS = ("data.builtin",)
 """Sections whose fields each experiment defines itself (not checked against the base)."""
@@ -34,6 +35,9 @@ OPEN_SECTIONS = ("data.builtin",)
 CHOICES = {
     "data.kind": ("voc", "folder", "pets"),
     "data.mask_values": ("index", "binary", "trimap", "palette"),
+    "data.on_bad_data": ("skip", "raise"),
+    "data.validate": ("header", "full"),
+    "data.exif": ("apply", "ignore"),
     "model.precision": ("fp32", "bf16"),
     "model.ops": ("auto", "cpu", "lax"),
     "optim.optimizer": ("reference", "sgd", "adamw"),
@@ -43,7 +47,13 @@ CHOICES = {
 
 
 class ConfigError(ValueError):
-  """A config that cannot be run: the message names the field (or file) and the problem."""
+  """A config that cannot be run: the message names the field (or file) and the problem.
+
+  ``field`` / ``value``: the config field and its value, where the error is about one."""
+
+  def __init__(self, message, *, field: str | None = None, value=None):
+    super().__init__(message)
+    self.field, self.value = field, value
 
 
 # -- finding and loading ------------------------------------------------------------------------
@@ -165,48 +175,73 @@ def _positive_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+MIN_WIDTH_MULTIPLIER = 1 / 64
+"""Below 1/64 the first VGG16 stage (64 channels) would have no channel left."""
+
+
+def _bad(key: str, value, rule: str) -> "ConfigError":
+  return ConfigError(f"{key} = {value!r}: {rule}", field=key, value=value)
+
+
 def validate(cfg) -> None:
-  """Raise :class:`ConfigError` naming the first field whose value cannot work."""
+  """Raise :class:`ConfigError` naming the first field whose value cannot work (its ``field``
+  and ``value`` attributes let a CLI name its own flag instead)."""
   flat = flatten(cfg)
   for key, allowed in CHOICES.items():
     if flat.get(key) not in allowed:
-      raise ConfigError(f"{key} = {flat.get(key)!r}: must be one of {', '.join(allowed)}")
+      raise _bad(key, flat.get(key), f"must be one of {', '.join(allowed)}")
   from fcnjax import models
   if cfg.model.name not in models.MODELS:
-    raise ConfigError(f"model.name = {cfg.model.name!r}: not a model; models: "
-                      f"{', '.join(sorted(models.MODELS))}")
+    raise _bad("model.name", cfg.model.name,
+               f"not a model; models: {', '.join(sorted(models.MODELS))}")
   mb = str(cfg.data.max_buckets)
   if mb != "auto" and not (mb.isdigit() and int(mb) >= 1):
-    raise ConfigError(f"data.max_buckets = {mb!r}: must be a positive integer or 'auto'")
+    raise _bad("data.max_buckets", mb, "must be a positive integer (1, 2, ...) or 'auto'")
   for key in ("data.batch_size", "data.granularity", "optim.accumulate", "train.epochs",
               "train.log_every", "eval.every_epochs", "checkpoint.save_every", "checkpoint.keep"):
     if not _positive_int(flat[key]):
-      raise ConfigError(f"{key} = {flat[key]!r}: must be a positive integer")
+      raise _bad(key, flat[key], "must be a positive integer (1, 2, ...)")
   for key in ("data.pixels_per_batch", "data.eval_batch_size", "train.steps"):
     if flat[key] is not None and not _positive_int(flat[key]):
-      raise ConfigError(f"{key} = {flat[key]!r}: must be a positive integer (or unset)")
+      raise _bad(key, flat[key], "must be a positive integer (1, 2, ...) or unset")
   if not (isinstance(cfg.model.num_classes, int) and cfg.model.num_classes >= 0):
-    raise ConfigError(f"model.num_classes = {cfg.model.num_classes!r}: must be >= 1 (0 = from "
-                      "the dataset)")
-  if not cfg.model.width_multiplier > 0:
-    raise ConfigError(f"model.width_multiplier = {cfg.model.width_multiplier}: must be > 0")
+    raise _bad("model.num_classes", cfg.model.num_classes, "must be >= 1 (0 = from the dataset)")
+  wm = cfg.model.width_multiplier
+  if not (math.isfinite(wm) and wm >= MIN_WIDTH_MULTIPLIER):
+    raise _bad("model.width_multiplier", wm,
+               f"must be >= 1/64 (= {MIN_WIDTH_MULTIPLIER:g}; 1 = VGG16's widths, 1/8 = the "
+               "small CPU model): below that a layer has no channels")
   lr = cfg.optim.learning_rate
   if lr is None and cfg.optim.optimizer != "reference":
     raise ConfigError("optim.learning_rate is unset: only the 'reference' optimizer has a "
-                      "default (the paper's rate for the model)")
-  if lr is not None and not lr > 0:
-    raise ConfigError(f"optim.learning_rate = {lr}: must be > 0")
-  if cfg.data.num_workers < 0 or cfg.train.seed < 0 or cfg.optim.warmup_steps < 0:
-    raise ConfigError("data.num_workers, train.seed and optim.warmup_steps must be >= 0")
+                      "default (the paper's rate for the model)", field="optim.learning_rate")
+  if lr is not None and not (math.isfinite(lr) and lr > 0):
+    raise _bad("optim.learning_rate", lr, "must be a positive number (e.g. 1e-3)")
+  for key in ("data.num_workers", "train.seed", "optim.warmup_steps"):
+    if not (isinstance(flat[key], int) and flat[key] >= 0):
+      raise _bad(key, flat[key], "must be an integer >= 0")
   if not 0 <= cfg.augment.color_jitter < 1:
-    raise ConfigError(f"augment.color_jitter = {cfg.augment.color_jitter}: must be in [0, 1)")
+    raise _bad("augment.color_jitter", cfg.augment.color_jitter, "must be in [0, 1)")
   sr = tuple(cfg.augment.scale_range)
   if sr and not (len(sr) == 2 and 0 < sr[0] <= sr[1]):
-    raise ConfigError(f"augment.scale_range = {sr}: must be () or (lo, hi) with 0 < lo <= hi")
+    raise _bad("augment.scale_range", sr, "must be () or (lo, hi) with 0 < lo <= hi")
   if not 0 < cfg.data.val_fraction < 1:
-    raise ConfigError(f"data.val_fraction = {cfg.data.val_fraction}: must be in (0, 1)")
-  if cfg.loss.dice_weight < 0 or any(w < 0 for w in cfg.loss.class_weights):
-    raise ConfigError("loss.dice_weight and loss.class_weights must be >= 0")
+    raise _bad("data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
+  if not cfg.loss.dice_weight >= 0:
+    raise _bad("loss.dice_weight", cfg.loss.dice_weight, "must be >= 0")
+  if any(not w >= 0 for w in cfg.loss.class_weights):
+    raise _bad("loss.class_weights", tuple(cfg.loss.class_weights), "every weight must be >= 0")
+
+
+def check_devices(cfg, num_devices: int) -> None:
+  """Raise :class:`ConfigError` if a batch size is not a multiple of the data-parallel devices."""
+  for key in ("data.batch_size", "data.eval_batch_size"):
+    value = flatten(cfg)[key]
+    if key == "data.batch_size" and cfg.data.pixels_per_batch:
+      continue
+    if value is not None and value % num_devices:
+      raise _bad(key, value, f"must be a multiple of the {num_devices} devices (each device "
+                 "takes an equal share of a batch)")
 
 
 # -- comparing and storing ----------------------------------------------------------------------

@@ -35,6 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.precision = "fp32"                 # "fp32" or "bf16" (bf16 compute, fp32 params and loss)
   m.ops = "auto"                       # "auto" | "cpu" | "lax": CPU-friendly ops or plain lax
   m.init = ""                          # weights file to start from (fcnjax.weights.init_from)
+  m.reinit_scores = False              # with init: load the backbone only (another class count)
+  m.allow_geometry_change = False      # with init: load exact-geometry weights into aligned
 
   d = c.data = ml_collections.ConfigDict()
   d.kind = "voc"                       # "voc" (VOC / SBD layout), "folder", "pets"
@@ -57,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.max_buckets = "8"                  # number of size buckets, or "auto" (cost model)
   d.granularity = 1                    # bucket sides are multiples of this (32 when aligned)
   d.num_workers = 0                    # grain worker processes for decoding (0: in-process)
+  d.on_bad_data = "skip"               # a file bad on decode: "skip" (counted) or "raise"
+  d.validate = "header"                # "header": sizes from headers; "full": decode all first
+  d.exif = "apply"                     # EXIF orientation of images: "apply" or "ignore"
 
   a = c.augment = ml_collections.ConfigDict()
   a.flip = True                        # mirror left-right with probability 1/2

@@ -4,6 +4,12 @@
 stem) or ``pets`` (Oxford-IIIT Pets). With no data given (``root`` / ``images`` empty) each kind
 writes its built-in dataset once (``config.data.builtin`` holds its parameters) and reads it back
 through the same reader, so the default runs exercise the real path.
+
+Bad files: every up-front problem (missing files, unreadable headers, size mismatches, duplicate
+ids; with ``data.validate = "full"`` every decode problem too) stops here with one
+:class:`~fcnjax.data.validation.DataError` listing them all. The sources returned decode with
+``on_error="skip"``: an example that fails to decode later comes out fully ignored, and the
+training loop names, counts and (``data.on_bad_data = "raise"``) stops on it.
 """
 
 from __future__ import annotations
@@ -41,6 +47,18 @@ def _cache(data):
   return data.cache or None
 
 
+def _opts(data) -> dict:
+  """The reader options every layout takes from ``config.data``."""
+  return dict(validate=data.validate)  # EXIFTODO
+
+
+def _decode_skips(sources: Sources) -> Sources:
+  """Decode-time problems become fully-ignored examples (the loop decides what to do)."""
+  for src in (sources.train, sources.val):
+    src.on_error = "skip"
+  return sources
+
+
 def voc_sources(data, print_fn=print) -> Sources:
   if data.sbd_root:
     if not data.root:
@@ -48,20 +66,22 @@ def voc_sources(data, print_fn=print) -> Sources:
                       "is on VOC")
     sbd = pathlib.Path(data.sbd_root).expanduser()
     aug = next((p for p in (sbd, sbd.parent) if (p / "SegmentationClassAug").is_dir()), None)
-    train = (readers.voc_aug_source(aug, "train_aug") if aug is not None
-             else readers.sbd_source(sbd, "train"))
+    train = (readers.voc_aug_source(aug, "train_aug", **_opts(data)) if aug is not None
+             else readers.sbd_source(sbd, "train", **_opts(data)))
     split = data.val_split or "seg11valid"
-    return Sources(train, readers.voc_source(data.root, split), f"SBD + VOC {split}")
+    return Sources(train, readers.voc_source(data.root, split, **_opts(data)),
+                   f"SBD + VOC {split}")
   if data.root:
     split = data.val_split or "val"
-    return Sources(readers.voc_source(data.root, "train"), readers.voc_source(data.root, split),
+    return Sources(readers.voc_source(data.root, "train", **_opts(data)),
+                   readers.voc_source(data.root, split, **_opts(data)),
                    f"VOC 2012 at {data.root} (val: {split})")
   b = data.builtin
   print_fn(f"No VOC on disk (no --voc-root / data.root): using the built-in VOC-layout dataset "
            f"({b.num_train} train / {b.num_val} val images).")
   root = synthetic.ensure_builtin_dataset(_cache(data), **b.to_dict())
-  return Sources(readers.voc_source(root, "train"), readers.voc_source(root, "val"),
-                 f"built-in VOC layout at {root}")
+  return Sources(readers.voc_source(root, "train", **_opts(data)),
+                 readers.voc_source(root, "val", **_opts(data)), f"built-in VOC layout at {root}")
 
 
 def folder_sources(data, *, seed: int, print_fn=print) -> Sources:
@@ -87,14 +107,14 @@ def folder_sources(data, *, seed: int, print_fn=print) -> Sources:
       raise DataError("--val-images and --val-masks go together")
   opts = dict(mask_values=mask_values, class_names=names,
               num_classes=len(names) if names else None,
-              trimap_ignore_border=data.ignore_border)
+              trimap_ignore_border=data.ignore_border, **_opts(data))
   train = readers.folder_source(images, masks, name=_short_name(images), **opts)
   if val_images:
     # The validation set is read with the training set's classes (never re-inferred).
     val = readers.folder_source(val_images, val_masks, mask_values=mask_values,
                                 class_names=train.class_names, num_classes=train.num_classes,
                                 trimap_ignore_border=data.ignore_border,
-                                name=_short_name(val_images))
+                                name=_short_name(val_images), **_opts(data))
     desc = f"{images} (val: {val_images})"
   else:
     n = len(train)
@@ -115,8 +135,8 @@ def pets_sources(data, print_fn=print) -> Sources:
     print_fn(f"No --root given: using the built-in Oxford-Pets-layout dataset "
              f"({b.num_trainval} trainval / {b.num_test} test images).")
     root = synthetic.ensure_builtin_pets(_cache(data), **b.to_dict())
-  train = readers.pets_source(root, "trainval", ignore_border=data.ignore_border)
-  val = readers.pets_source(root, "test", ignore_border=data.ignore_border)
+  train = readers.pets_source(root, "trainval", ignore_border=data.ignore_border, **_opts(data))
+  val = readers.pets_source(root, "test", ignore_border=data.ignore_border, **_opts(data))
   return Sources(train, val, f"Oxford-IIIT Pets layout at {root} (val: test)")
 
 
@@ -130,7 +150,7 @@ def make_sources(config, *, print_fn=print) -> Sources:
   if kind not in makers:
     raise DataError(f"data.kind = {kind!r}: must be one of {', '.join(makers)}")
   try:
-    return makers[kind]()
+    return _decode_skips(makers[kind]())
   except DataError:
     raise
   except ValueError as e:  # the readers' argument checks (e.g. 3 class names for binary masks)

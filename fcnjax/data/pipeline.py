@@ -205,6 +205,14 @@ def _ensure_absl_flags():
     flags.FLAGS(sys.argv[:1], known_only=True)
 
 
+def _worker_ignores_stop_signals(worker_index: int, worker_count: int) -> None:
+  """Grain workers ignore SIGINT / SIGTERM: a Ctrl-C reaches the whole process group, and the
+  main process decides (it finishes its step, saves, then closes the workers)."""
+  import signal
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class LoaderIterator(grain.DatasetIterator):
   """A grain ``DatasetIterator`` over a :class:`Loader`'s batches.
 
@@ -302,7 +310,8 @@ class Loader:
     if self.num_workers > 0:
       _ensure_absl_flags()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self.num_workers, per_worker_buffer_size=self.prefetch_batches))
+          num_workers=self.num_workers, per_worker_buffer_size=self.prefetch_batches),
+          worker_init_fn=_worker_ignores_stop_signals)
       ds = ds.map(_copy_batch)
     return ds
 

@@ -21,8 +21,23 @@ FIELDS = {
     "grad_accumulation": "optim.accumulate", "eval_every_epochs": "eval.every_epochs",
     "save_every": "checkpoint.save_every", "num_workers": "data.num_workers",
     "data_cache": "data.cache", "compile_cache": "output.compile_cache",
-    "tensorboard": "output.tensorboard",
+    "tensorboard": "output.tensorboard", "on_bad_data": "data.on_bad_data",
+    "validate": "data.validate", "exif": "data.exif", "reinit_scores": "model.reinit_scores",
+    "allow_geometry_change": "model.allow_geometry_change",
 }
+OTHER_FLAGS = {"data.batch_size": "batch_size", "data.pixels_per_batch": "pixels_per_batch",
+               "data.max_buckets": "max_buckets", "loss.class_weights": "class_weights",
+               "loss.dice_weight": "dice_weight", "data.val_fraction": "val_fraction",
+               "data.mask_values": "mask_values"}
+"""Config fields set by flags outside :data:`FIELDS` (flag dest by field)."""
+
+
+def flag_of(field: str, args) -> str | None:
+  """The ``--flag`` of this CLI that sets ``field``, if it was given (else None)."""
+  dest = OTHER_FLAGS.get(field) or next((d for d, f in FIELDS.items() if f == field), None)
+  if dest is None or getattr(args, dest, None) is None:
+    return None
+  return "--" + dest.replace("_", "-")
 
 
 def add_training_flags(p: argparse.ArgumentParser, *, models=None) -> None:
@@ -58,6 +73,20 @@ def add_training_flags(p: argparse.ArgumentParser, *, models=None) -> None:
                  "skips recompiling its buckets ('' to disable; default ~/.cache/fcnjax/xla)")
   p.add_argument("--tensorboard", action="store_true", default=None,
                  help="also write TensorBoard event files to WORKDIR/tensorboard")
+  p.add_argument("--on-bad-data", choices=["skip", "raise"],
+                 help="a file that fails to decode during the run: skip it (counted, named, "
+                 "default) or stop (after saving)")
+  p.add_argument("--validate", choices=["header", "full"],
+                 help="up-front check: headers and sizes (default) or decode every file first")
+  p.add_argument("--exif", choices=["apply", "ignore"],
+                 help="EXIF orientation tags of images: apply them (default) or use the stored "
+                 "orientation")
+  p.add_argument("--reinit-scores", action="store_true", default=None,
+                 help="with --init: load the backbone only; the score layers start fresh (for "
+                 "another number of classes)")
+  p.add_argument("--allow-geometry-change", action="store_true", default=None,
+                 help="with --init: load exact-geometry (pad-100) weights into an aligned model "
+                 "(or the reverse) anyway")
   runner.add_run_flags(p)
 
 
@@ -117,6 +146,6 @@ def finish(config, args, overrides) -> int:
     configs.check_fields(config)
     configs.validate(config)
   except configs.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {runner.config_error_text(e, lambda f: flag_of(f, args))}", file=sys.stderr)
     return 2
-  return runner.run(config, args)
+  return runner.run(config, args, flag_of=lambda f: flag_of(f, args))

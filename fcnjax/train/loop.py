@@ -12,9 +12,12 @@ rate filled in): a resumed run is checked against it field by field (:func:`chec
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import math
 import pathlib
+import sys
 import time
 
 import jax
@@ -31,7 +34,9 @@ from fcnjax.data.palette import VOC_PALETTE
 from fcnjax.data.validation import DataError
 from fcnjax.train import optim, parallel, report
 from fcnjax.train import step as step_lib
-from fcnjax.train.checkpoint import CheckpointMismatch, Checkpointer
+from fcnjax.train.checkpoint import CheckpointDamaged, CheckpointMismatch, Checkpointer
+from fcnjax.train.interrupts import Interrupted, StopRequests
+from fcnjax.train.workdir_lock import WorkdirLock
 from fcnjax.train.metrics import format_metrics, segmentation_metrics
 
 WARMUP_FRACTION_MAX = 0.2
@@ -42,6 +47,10 @@ ALIGNED_GRANULARITY = 32
 
 class TrainingDiverged(RuntimeError):
   """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
+
+
+class DataChanged(CheckpointMismatch):
+  """The checkpoint's data position belongs to another dataset (files added or removed)."""
 
 
 # -- the run's pieces, each a function of the config --------------------------------------------
@@ -117,7 +126,10 @@ def _max_buckets(config):
   return mb if mb == "auto" else int(mb)
 
 
-def build_loaders(config, train_source, val_source, num_devices: int):
+def build_loaders(config, train_source, val_source, num_devices: int, *, start_epoch: int = 0,
+                  done_steps: int = 0):
+  """(train loader, val loader). ``start_epoch``: the train loader starts at that epoch, for a
+  run that already did ``done_steps`` steps (``--restart-epoch``)."""
   d, a = config.data, config.augment
   granularity = max(d.granularity, ALIGNED_GRANULARITY if config.model.aligned else 1)
   dist = dict(num_devices=num_devices, process_index=jax.process_index(),
@@ -129,14 +141,15 @@ def build_loaders(config, train_source, val_source, num_devices: int):
 
   def train_loader(num_epochs):
     return pipeline.make_train_loader(train_source, seed=config.train.seed,
-                                      num_epochs=num_epochs, augment=aug,
-                                      max_buckets=_max_buckets(config),
+                                      num_epochs=num_epochs, start_epoch=start_epoch,
+                                      augment=aug, max_buckets=_max_buckets(config),
                                       num_workers=d.num_workers, **batching, **dist)
 
-  train = train_loader(config.train.epochs)
+  train = train_loader(max(1, config.train.epochs - start_epoch))
   if config.train.steps is not None:
     per_epoch = max(1, min(train.batches_per_epoch))
-    train = train_loader(max(1, math.ceil(config.train.steps / per_epoch)))
+    left = max(1, config.train.steps - done_steps)
+    train = train_loader(max(1, math.ceil(left / per_epoch)))
   eval_batching = dict(batching)
   if d.eval_batch_size:
     eval_batching = dict(batch_size=d.eval_batch_size, pixels_per_batch=None)
@@ -182,33 +195,56 @@ class Run:
     self.workdir = pathlib.Path(workdir)
     self.primary = jax.process_index() == 0
     self.print = print_fn if self.primary else (lambda *a, **k: None)
-    if self.primary:
-      self.workdir.mkdir(parents=True, exist_ok=True)
-      (self.workdir / "config.json").write_text(
-          json.dumps(configs_lib.to_dict(config), indent=1, sort_keys=True))
     self.mesh = parallel.make_mesh()
     self.sources = sources
     self.val_source = sources.val
+    self.data_offset = 0  # global step at which the train loader's batch 0 is (--restart-epoch)
     self.train_loader, self.val_loader = build_loaders(config, sources.train, sources.val,
                                                        self.mesh.size)
-    self.total_steps = len(self.train_loader) if config.train.steps is None else min(
-        config.train.steps, len(self.train_loader))
-    self.lr_at = learning_rate_at(config, self.total_steps)
     model = build_model(config)
     if config.model.init:
       from fcnjax import weights
-      loaded = weights.init_from(config.model.init, model)
+      loaded = weights.init_from(config.model.init, model,
+                                 reinit_scores=config.model.reinit_scores,
+                                 allow_geometry_change=config.model.allow_geometry_change)
       self.print(f"init: {config.model.init}: {loaded}")
     self.preprocessing = model.preprocessing
     self.num_params = models.count_params(model)
-    tx = build_optimizer(config, self.total_steps)
-    self.graphdef, state = step_lib.init_state(model, tx)
-    self.state = parallel.replicate(state, self.mesh)
+    self.model = model
+    self._build_steps()
     class_weights = tuple(config.loss.class_weights) or None
     if class_weights is not None and len(class_weights) != config.model.num_classes:
       raise configs_lib.ConfigError(
           f"loss.class_weights has {len(class_weights)} weights for "
-          f"{config.model.num_classes} classes")
+          f"{config.model.num_classes} classes", field="loss.class_weights",
+          value=class_weights)
+    self.ckpt = Checkpointer(self.workdir, keep=config.checkpoint.keep)
+    self.log = report.MetricsLog(self.workdir, enabled=self.primary, notice=self.print)
+    self.tensorboard = None
+    names = sources.val.class_names or sources.train.class_names
+    self.class_names = (tuple(names) if names and len(names) == config.model.num_classes
+                        else tuple(str(i) for i in range(config.model.num_classes)))
+    self.palette = np.asarray(getattr(sources.val, "palette", None)
+                              if getattr(sources.val, "palette", None) is not None
+                              else VOC_PALETTE, np.uint8)
+    self.bad = {"train": {}, "val": {}}  # split -> {example index: Problem text}
+    self.bad_in_epoch = collections.Counter()
+
+  def _build_steps(self, state=None):
+    """Optimizer, train/eval programs for the current train loader (its total steps)."""
+    config = self.cfg
+    left = len(self.train_loader)
+    self.total_steps = self.data_offset + left
+    if config.train.steps is not None:
+      self.total_steps = min(config.train.steps, self.total_steps)
+    self.lr_at = learning_rate_at(config, self.total_steps)
+    tx = build_optimizer(config, self.total_steps)
+    if state is None:
+      self.graphdef, state = step_lib.init_state(self.model, tx)
+      self.state = parallel.replicate(state, self.mesh)
+    class_weights = tuple(config.loss.class_weights) or None
+    if class_weights is not None and len(class_weights) != config.model.num_classes:
+      class_weights = None  # reported by __init__
     self.train_step = step_lib.make_train_step(
         self.graphdef, tx, reduction=config.loss.reduction, class_weights=class_weights,
         dice_weight=config.loss.dice_weight,
@@ -216,16 +252,69 @@ class Run:
         batch_sharding=parallel.batch_sharding(self.mesh))
     self.eval_step = step_lib.make_eval_step(self.graphdef)
     self.predict = step_lib.make_predict(self.graphdef)
-    self.ckpt = Checkpointer(self.workdir, keep=config.checkpoint.keep)
-    self.log = report.MetricsLog(self.workdir, enabled=self.primary)
-    self.tensorboard = (report.TensorBoardWriter(self.workdir / "tensorboard")
-                        if config.output.tensorboard and self.primary else None)
-    names = sources.val.class_names or sources.train.class_names
-    self.class_names = (tuple(names) if names and len(names) == config.model.num_classes
-                        else tuple(str(i) for i in range(config.model.num_classes)))
-    self.palette = np.asarray(getattr(sources.val, "palette", None)
-                              if getattr(sources.val, "palette", None) is not None
-                              else VOC_PALETTE, np.uint8)
+
+  def start_outputs(self) -> None:
+    """Write config.json and open TensorBoard (only once the run is known to go ahead)."""
+    if self.primary:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      (self.workdir / "config.json").write_text(
+          json.dumps(configs_lib.to_dict(self.cfg), indent=1, sort_keys=True))
+      if self.cfg.output.tensorboard:
+        self.tensorboard = report.TensorBoardWriter(self.workdir / "tensorboard")
+
+  # -- resuming -------------------------------------------------------------------------------
+  def resume_data(self, meta: dict, step: int, restart_epoch: bool):
+    """A fresh train iterator positioned where the checkpoint's data state says.
+
+    If the checkpoint's loader started at a later epoch (an earlier ``--restart-epoch``), the
+    loader is rebuilt the same way. If the dataset changed since the checkpoint (another number
+    of images, other buckets), raises :class:`DataChanged` unless ``restart_epoch``: then the
+    interrupted epoch starts again from its first batch with the new data.
+    """
+    data = dict(meta.get("data") or {})
+    start_epoch = int(data.get("start_epoch", 0))
+    offset = int(meta.get("data_offset", 0))
+    if start_epoch != self.train_loader.start_epoch or offset != self.data_offset:
+      self._rebuild_train(start_epoch, offset)
+    it = iter(self.train_loader)
+    try:
+      it.set_state(data)
+      return it
+    except ValueError as e:
+      mine = self.train_loader.fingerprint()
+      changed = "; ".join(f"{k}: checkpoint {data.get(k)!r}, now {mine[k]!r}" for k in mine
+                          if k in data and data[k] != mine[k] and k != "bucket_shapes")
+      if data.get("bucket_shapes") != mine["bucket_shapes"]:
+        changed += ("; " if changed else "") + "the size buckets differ"
+      if not restart_epoch:
+        raise DataChanged(
+            f"the training data changed since checkpoint {step} ({changed or e}): the saved "
+            "position in the epoch no longer means the same images. Pass --restart-epoch to "
+            "start the interrupted epoch again with the new data (the learned state is kept), "
+            "or restore the dataset as it was") from None
+    epoch = int(meta.get("epoch", 0)) + (1 if meta.get("epoch_done", False) else 0)
+    self.print(f"data changed since checkpoint {step} ({changed}): --restart-epoch: epoch "
+               f"{epoch + 1} starts again from its first batch at step {step}")
+    self._rebuild_train(epoch, step)
+    return iter(self.train_loader)
+
+  def _rebuild_train(self, start_epoch: int, offset: int):
+    if start_epoch >= self.cfg.train.epochs and self.cfg.train.steps is None:
+      raise DataChanged(f"the checkpoint's data position is epoch {start_epoch + 1} of "
+                        f"{self.cfg.train.epochs}: nothing left to train")
+    self.data_offset = offset
+    self.train_loader, _ = build_loaders(self.cfg, self.sources.train, self.sources.val,
+                                         self.mesh.size, start_epoch=start_epoch,
+                                         done_steps=offset)
+    self._build_steps(state=self.state)
+
+  def epoch_of(self, step: int) -> tuple:
+    """(epoch, batch within the epoch) of global step ``step`` (0-based)."""
+    return self.train_loader.epoch_and_batch(step - self.data_offset)
+
+  def data_state(self, step: int, it) -> dict:
+    """The iterator state that makes a resumed run's next batch the one of step ``step``."""
+    return {**it.get_state(), "next_batch": int(step - self.data_offset)}
 
   # -- reporting ------------------------------------------------------------------------------
   def describe(self) -> None:
@@ -242,25 +331,117 @@ class Run:
                f"x{c.model.width_multiplier:g}, {c.model.precision}), {self.num_params:,} "
                f"learnable parameters; {self.total_steps} steps")
 
-  def meta(self, step: int, data_state: dict) -> dict:
+  def meta(self, step: int, it, **extra) -> dict:
+    """What a checkpoint at ``step`` stores besides the state: model, config, data position,
+    the epoch of the last trained step (0-based) and whether that step ended it."""
+    if step <= self.data_offset:
+      epoch, done = self.train_loader.start_epoch, False
+    else:
+      epoch = self.epoch_of(step - 1)[0]
+      done = (step >= self.data_offset + len(self.train_loader)
+              or self.epoch_of(step)[0] != epoch)
     return {"model": model_description(self.cfg), "config": configs_lib.to_dict(self.cfg),
-            "step": step, "data": data_state}
+            "step": step, "data": self.data_state(step, it), "data_offset": self.data_offset,
+            "epoch": int(epoch), "epoch_done": bool(done), "total_steps": self.total_steps,
+            **extra}
 
   def colorize(self, label):
     return self.palette[np.asarray(label, np.uint8)]
 
+  # -- bad files met while decoding -------------------------------------------------------------
+  def check_rows(self, batch, split: str, step: int, it=None) -> None:
+    """Name (once) and count the examples of ``batch`` that failed to decode (rows with an
+    index but no valid pixel). With ``data.on_bad_data = "raise"`` the run stops: for the train
+    split after saving ``step`` (this batch not trained)."""
+    index = np.asarray(batch["index"])
+    rows = np.flatnonzero((index >= 0) & ~np.asarray(batch["mask"]).any(axis=(1, 2)))
+    if not rows.size:
+      return
+    source = self.sources.train if split == "train" else self.val_source
+    for r in rows:
+      i = int(index[r])
+      self.bad_in_epoch[(split, i)] += 1
+      if i in self.bad[split]:
+        continue
+      problem = None
+      if hasattr(source, "problem_of"):
+        problem = source.problem_of(i)
+      text = str(problem) if problem is not None else (
+          f"{source.image_paths[i]}: could not be decoded")
+      self.bad[split][i] = text
+      if self.cfg.data.on_bad_data == "raise":
+        where = ""
+        if split == "train" and it is not None and step > 0:
+          self.save(step, it)
+          where = f"; saved checkpoint {step} first (this batch not trained)"
+        elif split == "val":
+          where = f"; checkpoint {step} was saved before the evaluation"
+        raise DataError(f"{split} example {source.ids[i]!r}: {text} (--on-bad-data raise{where}"
+                        "). Fix or remove the file and --resume, or use --on-bad-data skip")
+      self.print(f"warning: skipping {split} example {source.ids[i]!r} (bad on decode): {text}")
+
+  def bad_summary(self, split: str, step: int, epoch: int | None) -> dict:
+    """One line and one metrics.jsonl record for the bad examples ``split`` met since the last
+    summary; returns ``{"skipped": n, "skipped_ids": [...]}`` (empty when none)."""
+    keys = [k for k in self.bad_in_epoch if k[0] == split]
+    if not keys:
+      return {}
+    source = self.sources.train if split == "train" else self.val_source
+    ids = sorted(source.ids[i] for _, i in keys)
+    kinds = collections.Counter(self.bad[split][i].split(":", 1)[0] for _, i in keys)
+    for k in keys:
+      del self.bad_in_epoch[k]
+    what = "epoch " + str(epoch + 1) if epoch is not None else f"evaluation at step {step}"
+    self.print(f"{what}: {len(ids)} bad {split} example(s) skipped ("
+               + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items())) + "): "
+               + ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else ""))
+    out = {"skipped": len(ids), "skipped_ids": ids}
+    if split == "train":
+      self.log.write({"kind": "data", "split": split, "step": step, "epoch": epoch + 1, **out,
+                      "problems": dict(kinds)})
+    return out
+
+  # -- saving -----------------------------------------------------------------------------------
+  def save(self, step: int, it, **extra) -> None:
+    """Checkpoint ``step`` (once: a step already saved is not saved again)."""
+    if self.ckpt.latest_step() == step:
+      return
+    self.ckpt.save(step, self.state, self.meta(step, it, **extra))
+
+  def save_best(self, step: int, it, metrics: dict) -> None:
+    self.ckpt.save_best(step, self.state, self.meta(step, it), metrics)
+
+  def stop(self, step: int, it, stop: StopRequests, during: str = "") -> None:
+    """Save at ``step`` and raise :class:`Interrupted` (a signal asked the run to stop)."""
+    if it is not None and step > 0:
+      self.save(step, it, **({"eval_pending": True} if during == "evaluation" else {}))
+    saved = self.ckpt.latest_step()
+    where = (f"saved checkpoint {saved} in {self.ckpt.last.directory}" if saved is not None
+             else "no checkpoint yet: nothing was trained")
+    raise Interrupted(f"stopped by {stop.name}{' during ' + during if during else ''} at step "
+                      f"{step} of {self.total_steps}: {where}; continue with --resume "
+                      f"--workdir {self.workdir}", stop.signal)
+
   # -- evaluation -----------------------------------------------------------------------------
-  def evaluate(self, step: int) -> dict:
+  def evaluate(self, step: int, stop: StopRequests | None = None, it=None) -> dict:
     start = time.perf_counter()
     c = self.cfg.model.num_classes
     hist = parallel.replicate(jnp.zeros((c, c), jnp.int32), self.mesh)
-    for batch in self.val_loader:
-      gb = parallel.global_batch(batch, self.mesh)
-      hist = self.eval_step(self.state.params, self.state.rest, hist, gb)
+    val_it = iter(self.val_loader)
+    try:
+      for batch in val_it:
+        if stop is not None and stop.requested:
+          self.stop(step, it, stop, during="evaluation")
+        self.check_rows(batch, "val", step)
+        gb = parallel.global_batch(batch, self.mesh)
+        hist = self.eval_step(self.state.params, self.state.rest, hist, gb)
+    finally:
+      val_it.close()
     metrics = segmentation_metrics(np.asarray(jax.device_get(hist)), self.class_names)
     seconds = time.perf_counter() - start
     self.print(f"eval step {step}: {format_metrics(metrics)} ({len(self.val_source)} images, "
                f"{seconds:.1f} s)\n{per_class_table(metrics)}")
+    metrics.update(self.bad_summary("val", step, None))  # skipped, skipped_ids (if any)
     self.log.write({"kind": "eval", "step": step, "seconds": seconds, **metrics})
     if self.tensorboard is not None:
       self.tensorboard.scalars(step, {k: metrics[k] for k in
@@ -272,9 +453,20 @@ class Run:
     return metrics
 
   def plot_predictions(self, step: int) -> None:
-    """A fixed set of val images (the first few), predicted in one padded batch."""
+    """A fixed set of val images (the first few that decode), predicted in one padded batch."""
     n = min(self.cfg.eval.num_prediction_images, len(self.val_source))
-    examples = [self.val_source[i] for i in range(n)]
+    examples = []
+    for i in range(len(self.val_source)):
+      if len(examples) == n:
+        break
+      if i in self.bad["val"]:
+        continue
+      e = self.val_source[i]
+      if e.get("valid", True):
+        examples.append(e)
+    if not examples:
+      return
+    n = len(examples)
     h = max(e["image"].shape[0] for e in examples)
     w = max(e["image"].shape[1] for e in examples)
     m = self.cfg.model
@@ -297,83 +489,168 @@ class Run:
         self.tensorboard.image(step, "val/predictions", np.asarray(im.convert("RGB")))
 
 
-def _open_checkpoints_config(workdir) -> tuple[int | None, dict | None]:
-  """(latest step, stored config) of a workdir's checkpoints, or (None, None)."""
+def _open_checkpoints_config(workdir) -> tuple[int | None, dict | None, int]:
+  """(newest step whose meta reads, its stored config, number of checkpoint folders), or
+  (None, None, n) when there is none (n > 0: all damaged)."""
   ckpt_dir = pathlib.Path(workdir) / "checkpoints"
   if not ckpt_dir.is_dir():
-    return None, None
-  ckpt = Checkpointer(workdir, async_save=False)
+    return None, None, 0
+  ckpt = Checkpointer(workdir)
   try:
-    step = ckpt.latest_step()
-    return (step, ckpt.read_meta(step).get("config")) if step is not None else (None, None)
+    steps = ckpt.all_steps()
+    for step in reversed(steps):
+      try:
+        return step, ckpt.read_meta(step).get("config"), len(steps)
+      except CheckpointDamaged:
+        continue
+    return None, None, len(steps)
   finally:
     ckpt.close()
 
 
 def stored_config(workdir) -> ml_collections.ConfigDict:
-  """The config stored in ``workdir``'s latest checkpoint (what ``--resume`` continues)."""
-  step, saved = _open_checkpoints_config(workdir)
+  """The config stored in ``workdir``'s latest readable checkpoint (what ``--resume`` continues)."""
+  step, saved, n = _open_checkpoints_config(workdir)
   if step is None:
-    raise FileNotFoundError(f"{workdir}: no checkpoint to resume from (no "
-                            f"{pathlib.Path(workdir) / 'checkpoints'}/<step>)")
+    raise FileNotFoundError(_nothing_to_resume(workdir, n))
   if not saved:
     raise CheckpointMismatch(f"{workdir}: checkpoint {step} stores no config (written by an "
                              "older fcnjax): pass --config with the run's settings")
   return configs_lib.from_dict(saved)
 
 
+def _nothing_to_resume(workdir, num_damaged: int) -> str:
+  ckpt_dir = pathlib.Path(workdir) / "checkpoints"
+  if num_damaged:
+    return (f"{workdir}: nothing to resume: all {num_damaged} checkpoint(s) in {ckpt_dir} are "
+            "damaged (their meta cannot be read); start the run again in a new --workdir")
+  return (f"{workdir}: nothing to resume (no checkpoint in {ckpt_dir}); start the run without "
+          "--resume")
+
+
+def _read_final(workdir) -> dict:
+  try:
+    return json.loads((pathlib.Path(workdir) / "final_metrics.json").read_text())
+  except (OSError, ValueError):
+    return {}
+
+
 def train(config, workdir, *, resume: bool = False, eval_only: bool = False,
-          allow_changes=(), sources: datasets.Sources | None = None, print_fn=print) -> dict:
+          allow_changes=(), restart_epoch: bool = False,
+          sources: datasets.Sources | None = None, print_fn=print) -> dict:
   """Train (or with ``eval_only`` just evaluate) and return the last evaluation's metrics.
 
   ``config``: a config of :mod:`fcnjax.configs` (checked here). ``sources``: the train / val
   sources (default: built from ``config.data``). ``resume``: continue the workdir's run (its
-  stored config must equal ``config`` except for ``allow_changes`` and the free fields).
+  stored config must equal ``config`` except for ``allow_changes`` and the free fields);
+  ``restart_epoch``: if the dataset changed since the checkpoint, start the interrupted epoch
+  again with the new data instead of refusing.
+
+  Guarantees (README, "When things go wrong"): the workdir is locked for the run
+  (:class:`~fcnjax.train.workdir_lock.WorkdirLock`); every evaluation runs after a save; SIGINT /
+  SIGTERM stop after the current step with a save (:class:`Interrupted`); a damaged checkpoint
+  is skipped for the previous intact one; files bad on decode are skipped and counted, or with
+  ``data.on_bad_data = "raise"`` stop the run after a save. Nothing is written when there is
+  nothing to do (``resume`` without a checkpoint, or on a finished run; ``eval_only`` with
+  neither a checkpoint nor ``model.init``).
   """
   configs_lib.check_fields(config)
   configs_lib.validate(config)
-  if sources is None:
-    sources = datasets.make_sources(config, print_fn=print_fn)
-  config = resolve(config, sources.train)
-  latest, saved = _open_checkpoints_config(workdir)
+  workdir = pathlib.Path(workdir)
+  latest, saved, num_ckpts = _open_checkpoints_config(workdir)
+  if resume and latest is None:
+    raise FileNotFoundError(_nothing_to_resume(workdir, num_ckpts))
+  if eval_only and latest is None and not config.model.init:
+    raise FileNotFoundError(
+        f"--eval-only: nothing to evaluate: {workdir} has no checkpoint and no --init "
+        "(model.init) weights were given")
   if latest is not None and not (resume or eval_only):
     raise FileExistsError(
         f"{workdir} already has checkpoints (latest step {latest}): pass --resume to continue "
         "that run, or choose another --workdir")
+  notice = lambda m: print(m, file=sys.stderr, flush=True)
+  with contextlib.ExitStack() as guards:
+    if jax.process_index() == 0 and not eval_only:
+      guards.enter_context(WorkdirLock(workdir, notice=print_fn))
+    stop = guards.enter_context(StopRequests(notice=notice))
+    return _train(config, workdir, latest, saved, stop, resume=resume, eval_only=eval_only,
+                  allow_changes=allow_changes, restart_epoch=restart_epoch, sources=sources,
+                  print_fn=print_fn)
+
+
+def _train(config, workdir, latest, saved, stop, *, resume, eval_only, allow_changes,
+           restart_epoch, sources, print_fn) -> dict:
+  if sources is None:
+    sources = datasets.make_sources(config, print_fn=print_fn)
+  config = resolve(config, sources.train)
   if latest is not None and saved:
     changed = check_resume(saved, config, allow_changes)
     if changed:
       print_fn("config changes on resume: " + "; ".join(f"{k}: {a!r} -> {b!r}"
                                                         for k, a, b in changed))
   run = Run(config, sources, workdir, print_fn=print_fn)
-  run.describe()
-  it = iter(run.train_loader)
-  step = 0
-  if latest is not None:
-    run.state, meta = run.ckpt.restore(run.state, model_description=model_description(config))
-    step = int(meta["step"])
-    it.set_state(meta["data"])
-    run.log.truncate_after(step)
-    run.print(f"resumed from {run.ckpt.last.directory}/{step} (step {step} of "
-              f"{run.total_steps})")
-  if eval_only:
-    metrics = run.evaluate(step)
+  it = None
+  try:
+    step, meta = 0, {}
+    if latest is not None:
+      run.state, meta = run.ckpt.restore_intact(run.state,
+                                                model_description=model_description(config),
+                                                warn=print_fn)
+      step = int(meta["step"])
+      if not eval_only:
+        it = run.resume_data(meta, step, restart_epoch)
+    run.describe()
+    if latest is not None:
+      run.print(f"resumed from {run.ckpt.last.directory}/{step} (step {step} of "
+                f"{run.total_steps})")
+    pending = bool(meta.get("eval_pending")) and not run.log.has_eval(step)
+    if resume and not eval_only and step >= run.total_steps and not pending:
+      final = _read_final(workdir)
+      run.print(f"{workdir}: this run already finished (step {step} of {run.total_steps}"
+                + (f", final mean IU {final['mean_iu']:.4f}" if final.get("mean_iu") is not None
+                   else "") + "): nothing to do. To train longer, resume with --config ... "
+                "--config.train.epochs=N --allow-change train.epochs")
+      return {}
+    run.start_outputs()
+    if latest is not None:
+      run.log.truncate_after(step)
+    if eval_only:
+      return run.evaluate(step, stop)
+    if it is None:
+      it = iter(run.train_loader)
+    return _loop(run, it, step, meta, stop)
+  finally:
+    if it is not None:
+      it.close()
     run.ckpt.close()
-    return metrics
+    if run.tensorboard is not None:
+      run.tensorboard.close()
 
+
+def _loop(run: Run, it, step: int, meta: dict, stop: StopRequests) -> dict:
+  config = run.cfg
   metrics = {}
   progress = None
   try:
+    if meta.get("eval_pending") and not run.log.has_eval(step):
+      run.print(f"checkpoint {step} was saved before an evaluation that did not finish: "
+                "evaluating it now")
+      metrics = run.evaluate(step, stop, it)
+      run.save_best(step, it, metrics)
     while step < run.total_steps:
-      epoch, in_epoch = run.train_loader.epoch_and_batch(step)
+      if stop.requested:
+        run.stop(step, it, stop)
+      epoch, in_epoch = run.epoch_of(step)
       if progress is None or progress.epoch != epoch:
         if progress is not None:
           progress.close()
-        progress = report.Progress(run.train_loader.batches_per_epoch[epoch], epoch,
-                                   len(run.train_loader.batches_per_epoch),
+        loader = run.train_loader
+        progress = report.Progress(loader.batches_per_epoch[epoch - loader.start_epoch], epoch,
+                                   loader.start_epoch + len(loader.batches_per_epoch),
                                    every=config.train.log_every, enabled=run.primary)
         progress.done = in_epoch
       batch = next(it)
+      run.check_rows(batch, "train", step, it)
       shape = batch["image"].shape[1:3]
       gb = parallel.global_batch(batch, run.mesh)
       run.state, m = run.train_step(run.state, gb)
@@ -397,23 +674,20 @@ def train(config, workdir, *, resume: bool = False, eval_only: bool = False,
         if run.tensorboard is not None:
           run.tensorboard.scalars(step, {k: v for k, v in record.items()
                                          if k not in ("kind", "step")}, "train/")
-      end_of_epoch = (step == run.total_steps or
-                      run.train_loader.epoch_and_batch(step)[0] != epoch)
+      end_of_epoch = step == run.total_steps or run.epoch_of(step)[0] != epoch
+      if end_of_epoch:
+        run.bad_summary("train", step, epoch)
       do_eval = end_of_epoch and ((epoch + 1) % config.eval.every_epochs == 0
                                   or step == run.total_steps)
-      if do_eval:
-        metrics = run.evaluate(step)
-      if do_eval or step % config.checkpoint.save_every == 0 or step == run.total_steps:
-        run.ckpt.save(step, run.state, run.meta(step, it.get_state()),
-                      eval_metrics=metrics if do_eval else None)
+      if do_eval:  # save first: an evaluation that fails or is interrupted loses nothing
+        run.save(step, it, eval_pending=True)
+        metrics = run.evaluate(step, stop, it)
+        run.save_best(step, it, metrics)
+      elif step % config.checkpoint.save_every == 0 or step == run.total_steps:
+        run.save(step, it)
   finally:
     if progress is not None:
       progress.close()
-    run.ckpt.wait()
-    run.ckpt.close()
-    it.close()
-    if run.tensorboard is not None:
-      run.tensorboard.close()
   if run.primary:
     (run.workdir / "final_metrics.json").write_text(json.dumps(
         report.jsonable({"step": step, **metrics}), indent=1))

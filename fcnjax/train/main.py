@@ -78,6 +78,21 @@ def apply_environment(config):
   return config
 
 
+def config_error_text(e, flag_of=None) -> str:
+  """A :class:`~fcnjax.configs.ConfigError` as the CLI says it: the flag that set the field
+  (``--batch-size 0: must be ...``), else ``--config.FIELD=VALUE: ...``."""
+  field = getattr(e, "field", None)
+  if not field:
+    return str(e)
+  rule = str(e).split(": ", 1)[1] if str(e).startswith(f"{field} = ") else str(e)
+  value = e.value
+  shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+  flag = flag_of(field) if flag_of else None
+  if flag:
+    return f"{flag} {shown}: {rule}"
+  return f"--config.{field}={shown}: {rule}"
+
+
 def add_run_flags(p: argparse.ArgumentParser) -> None:
   """The flags every training CLI has: where, resume / eval-only, and multi-process set-up."""
   p.add_argument("--workdir", help="where checkpoints, metrics and plots go")
@@ -87,19 +102,26 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                  "stored config ('all' for any)")
   p.add_argument("--eval-only", action="store_true",
                  help="evaluate (the workdir's latest checkpoint, or model.init) and exit")
+  p.add_argument("--restart-epoch", action="store_true",
+                 help="on --resume after the dataset changed (files added or removed): start "
+                 "the interrupted epoch again with the new data, keeping the learned state")
   p.add_argument("--coordinator-address", help="multi-process: host:port of process 0")
   p.add_argument("--num-processes", type=int)
   p.add_argument("--process-id", type=int)
 
 
-def run(config, args, *, print_fn=print) -> int:
-  """Run ``config`` as a CLI does: compilation cache, distributed set-up, one ``error:`` line for
-  bad input or a stopped run (exit 1). ``args`` carries :func:`add_run_flags`' flags."""
+def run(config, args, *, print_fn=print, flag_of=None) -> int:
+  """Run ``config`` as a CLI does: compilation cache, distributed set-up, and for bad input or a
+  stopped run one ``error:`` line (exit 1; 2 for a bad argument), no traceback. A run stopped by
+  SIGINT / SIGTERM exits 128 + the signal number after saving. ``args`` carries
+  :func:`add_run_flags`' flags; ``flag_of(field)`` names the CLI flag that set a config field."""
   import jax
   from fcnjax import configs
   from fcnjax.data.validation import DataError
   from fcnjax.train import parallel
-  from fcnjax.train.checkpoint import CheckpointMismatch
+  from fcnjax.train.checkpoint import CheckpointDamaged, CheckpointMismatch, CheckpointSaveError
+  from fcnjax.train.interrupts import Interrupted
+  from fcnjax.train.workdir_lock import WorkdirLocked
   from fcnjax.weights import WeightsError
   apply_environment(config)
   cache = config.output.compile_cache
@@ -110,14 +132,34 @@ def run(config, args, *, print_fn=print) -> int:
   workdir = pathlib.Path(args.workdir or f"runs/{config.name}-{config.preset or 'default'}")
   allow = [a.strip() for a in args.allow_change.split(",") if a.strip()]
   try:
+    configs.check_devices(config, jax.device_count())
+  except configs.ConfigError as e:
+    print(f"error: {config_error_text(e, flag_of)}", file=sys.stderr)
+    return 2
+  try:
     print_fn(f"experiment {config.name}{':' + config.preset if config.preset else ''}, "
              f"workdir {workdir}", flush=True)
     metrics = train(config, workdir, resume=args.resume, eval_only=args.eval_only,
-                    allow_changes=allow, print_fn=print_fn)
-  except (configs.ConfigError, DataError, WeightsError, FileNotFoundError, FileExistsError,
-          TrainingDiverged, CheckpointMismatch) as e:
+                    allow_changes=allow, restart_epoch=getattr(args, "restart_epoch", False),
+                    print_fn=print_fn)
+  except Interrupted as e:
+    print(str(e), file=sys.stderr, flush=True)
+    return e.exit_code
+  except configs.ConfigError as e:
+    print(f"error: {config_error_text(e, flag_of)}", file=sys.stderr)
+    return 2
+  except (DataError, WeightsError, FileNotFoundError, FileExistsError, TrainingDiverged,
+          CheckpointMismatch, CheckpointDamaged, CheckpointSaveError, WorkdirLocked) as e:
     # Bad input or a stopped run: the message names the file / field / problem.
     print(f"error: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:  # before the run's own handlers were installed
+    print("interrupted before training started: nothing was trained or saved", file=sys.stderr)
+    return 130
+  except OSError as e:  # disk full, permissions: writing the workdir's files
+    where = f"{e.filename}: " if e.filename else ""
+    print(f"error: {where}{e.strerror or e} (writing the run's outputs in {workdir})",
+          file=sys.stderr)
     return 1
   if metrics:
     print_fn(f"final: mean IU {metrics['mean_iu']:.4f}, pixel acc {metrics['pixel_acc']:.4f}, "
@@ -165,8 +207,11 @@ def main(argv=None) -> int:
     else:
       raise configs.ConfigError("give --config NAME_OR_PATH[:PRESET] (see --list), or "
                                 "--workdir DIR --resume")
-  except (configs.ConfigError, FileNotFoundError, ValueError) as e:
-    # ConfigError, a missing checkpoint or a checkpoint without a config (CheckpointMismatch).
+  except configs.ConfigError as e:
+    print(f"error: {config_error_text(e)}", file=sys.stderr)
+    return 2
+  except (FileNotFoundError, ValueError) as e:
+    # A missing checkpoint or a checkpoint without a config (CheckpointMismatch).
     print(f"error: {e}", file=sys.stderr)
     return 2
   if args.print_config:

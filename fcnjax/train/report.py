@@ -223,27 +223,57 @@ def _numeric_items(mapping: dict, prefix: str):
 
 
 class MetricsLog:
-  """Appends JSON lines to ``WORKDIR/metrics.jsonl`` and keeps the curves in memory."""
+  """Appends JSON lines to ``WORKDIR/metrics.jsonl`` and keeps the records in memory.
 
-  def __init__(self, workdir, enabled: bool = True):
+  ``train`` / ``eval`` / ``other`` (e.g. ``"data"``: bad files skipped in an epoch) hold the
+  records by kind. A line that is not valid JSON (a run killed while writing its last line) is
+  left out with a notice (``notice``: a print function) and dropped from the file by the next
+  :meth:`truncate_after`.
+  """
+
+  def __init__(self, workdir, enabled: bool = True, notice=None):
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
     self.enabled = enabled
-    self.train, self.eval = [], []
+    self.train, self.eval, self.other = [], [], []
+    self.torn_lines = 0
     if self.path.exists():  # a resumed run continues the same curves
-      for line in self.path.read_text().splitlines():
-        rec = json.loads(line)
-        (self.eval if rec.get("kind") == "eval" else self.train).append(rec)
+      lines = self.path.read_text(errors="replace").splitlines()
+      for n, line in enumerate(lines, 1):
+        if not line.strip():
+          continue
+        try:
+          rec = json.loads(line)
+          if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            raise ValueError("not a record")
+        except ValueError:
+          self.torn_lines += 1
+          if notice is not None:
+            where = "its last line" if n == len(lines) else f"line {n}"
+            notice(f"notice: {self.path}: {where} is not a complete record (a run stopped while "
+                   "writing it?); left out")
+          continue
+        self._list(rec).append(rec)
+
+  def _list(self, record: dict) -> list:
+    kind = record.get("kind")
+    return self.eval if kind == "eval" else self.train if kind == "train" else self.other
+
+  def has_eval(self, step: int) -> bool:
+    return any(r["step"] == step for r in self.eval)
 
   def truncate_after(self, step: int) -> None:
     """Drop records past ``step`` (written after the checkpoint a resumed run restarts from)."""
     self.train = [r for r in self.train if r["step"] <= step]
     self.eval = [r for r in self.eval if r["step"] <= step]
+    self.other = [r for r in self.other if r["step"] <= step]
     if self.enabled:
-      recs = sorted(self.train + self.eval, key=lambda r: (r["step"], r.get("kind") == "eval"))
+      order = {"train": 0, "data": 1, "eval": 2}
+      recs = sorted(self.train + self.other + self.eval,
+                    key=lambda r: (r["step"], order.get(r.get("kind"), 1)))
       self.path.write_text("".join(json.dumps(r) + "\n" for r in recs))
 
   def write(self, record: dict) -> None:
-    (self.eval if record.get("kind") == "eval" else self.train).append(record)
+    self._list(record).append(record)
     if self.enabled:
       with self.path.open("a") as f:
         f.write(json.dumps(jsonable(record)) + "\n")
