@@ -17,6 +17,11 @@ from PIL import Image
 
 IGNORE = 255
 
+class MaskModeError(ValueError):
+  """A mask whose pixel format cannot hold class indices (a colour RGB mask, CMYK, ...): the
+  readers report it as a ``bad_labels`` problem naming the file."""
+
+
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -84,8 +89,9 @@ def label_to_array(img: Image.Image) -> np.ndarray:
   """A mask image -> class indices (H, W) as int32 (values are validated by the caller).
 
   "P": palette indices as stored. "L" / "I" / "I;16": the stored values. "1": 0/1.
-  An "RGB"/"RGBA" mask whose channels are equal is read as grey; a colour mask raises ValueError
-  (save masks as palette PNGs: guessing classes from colours is not done).
+  An "RGB"/"RGBA" mask whose channels are equal is read as grey; a colour mask (or any other mode)
+  raises :class:`MaskModeError` (a ValueError): save masks as palette PNGs, guessing classes from
+  colours is not done here (the folder reader's ``mask_values="palette"`` maps exact colours).
   """
   mode = img.mode
   if mode in ("P", "L", "I", "1") or mode.startswith("I;16"):
@@ -96,5 +102,8 @@ def label_to_array(img: Image.Image) -> np.ndarray:
     arr = np.asarray(img)[..., :3]
     if (arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all():
       return arr[..., 0].astype(np.int32)
-    raise ValueError(f"colour ({mode}) mask: store class indices as a palette or grey PNG")
-  raise ValueError(f"unsupported mask mode {mode!r}")
+    ncol = len(np.unique(arr.reshape(-1, 3), axis=0))
+    raise MaskModeError(f"colour ({mode}) mask ({ncol} distinct colours) where class indices are "
+                        "expected: store class indices as a palette or grey PNG")
+  raise MaskModeError(f"unsupported mask mode {mode!r}: store class indices as a palette or grey "
+                      "PNG")

@@ -29,12 +29,38 @@ masks bring their own), ``class_names``, ``num_classes`` and ``num_classes_origi
 of classes was decided, in words). :meth:`SegmentationSource.subset` and :func:`split_by_fraction`
 make train / val views of one source without re-reading any file.
 
-Validation (see :mod:`fcnjax.data.validation`): missing files, unreadable headers and image/mask
-size mismatches (PNG masks) are found at construction; truncated pixel data, bad label values and
-.mat size mismatches are found on decode. ``validate="full"`` decodes every example at construction
-so that an epoch never meets a bad file. With ``on_error="skip"`` construction-time problems drop the
-example (counted in ``src.report``) and decode-time problems give a fully-ignored example
-(``valid=False``: the pipeline sets its mask to False and its label to 255).
+Validation (see :mod:`fcnjax.data.validation`): missing files, unreadable headers, image/mask size
+mismatches (PNG masks) and duplicate ids (an id listed twice in a split file, or two images of a
+folder with one stem) are found at construction; truncated pixel data, bad label values (a value
+outside the classes, a colour RGB mask where class indices are expected) and .mat size mismatches
+are found on decode. ``validate="full"`` decodes every example at construction (a few threads, a
+progress bar on a terminal) so that an epoch never meets a bad file. Up-front problems are all
+collected first: with ``on_error="raise"`` ONE :class:`DataError` then lists every one of them;
+with ``on_error="skip"`` they drop their examples (a duplicated id keeps its first occurrence;
+counted in ``src.report``), and decode-time problems give a fully-ignored example (``valid=False``:
+the pipeline sets its mask to False and its label to 255; :meth:`SegmentationSource.problem_of`
+names the file and reason from any process). Truncated files are never decoded silently: Pillow's
+``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False (a warning is logged if something set it).
+
+EXIF orientation (``exif="apply"`` by default, or ``"ignore"``): a camera JPEG stores its pixels
+as the sensor saw them and records in its EXIF Orientation tag (0x0112; 2..8, 1 = as stored) how to
+turn them for display. Pillow's ``Image.open`` (and the VOC tooling) ignore the tag, but every
+viewer and annotation tool shows the turned image, so a mask drawn on it (a PNG, which carries no
+tag) has the *displayed* orientation. The default therefore applies the tag, exactly as
+``PIL.ImageOps.exif_transpose`` does (flip / rotate / transpose), both when decoding and in the
+header size (orientations 5..8 swap width and height; the tag is read from the header, without
+decoding pixels), so images and masks line up. ``exif="ignore"`` uses the stored orientation (as
+Pillow and VOC read it: right for datasets whose masks were made from the stored pixels; for
+images without a tag, as PASCAL VOC's are expected to be, both choices read the same pixels). A mask that does carry an orientation
+tag (rare: a PNG / TIFF / JPEG saved with EXIF) gets the same policy as the images: it was drawn
+and is shown as its tag says. ``src.exif_oriented`` lists ``(id, orientation)`` of the images with
+a tag other than 1, and construction logs one warning line when there are any (``python -m
+fcnjax.data.check`` lists the first ids). An image / mask size mismatch that is exactly a
+transposition (mask HxW == image WxH) says whether an EXIF tag explains it (and which ``exif``
+setting would make them match); orientations 2..4 (mirror, 180 degrees) keep the size, so a wrong
+choice there shows only in the pixels: look at one of the listed images with its mask. (A PNG's
+``eXIf`` chunk stored *after* its pixel data is not seen, to keep header checks free of decoding;
+Pillow writes it before.)
 """
 
 from __future__ import annotations
@@ -44,14 +70,15 @@ import copy
 import math
 import os
 import pathlib
+import sys
 from importlib import resources
 
 import numpy as np
 import scipy.io
-from PIL import Image
+from PIL import Image, ImageFile
 
 from fcnjax.data import palette
-from fcnjax.data.validation import DataError, ErrorReport, Problem, check_policy, log
+from fcnjax.data.validation import IN_REPORT, DataError, ErrorReport, Problem, check_policy, log
 
 _palette_mod = palette  # the module, where a ``palette`` argument shadows its name
 
@@ -67,6 +94,8 @@ IMAGE_EXTS = image_extensions()
 """Extensions :func:`folder_source` lists: all Pillow formats that can be opened."""
 MASK_VALUES = ("index", "binary", "trimap", "palette")
 """The mask value modes of :func:`folder_source`."""
+EXIF_POLICIES = ("apply", "ignore")
+"""``exif=``: apply the EXIF Orientation tag (as viewers show the image; default) or ignore it."""
 BINARY_MAP = {0: 0, 255: 1}
 """Binary masks stored as exactly 0 / 255 -> background 0, foreground 1 (``mask_values="binary"``
 accepts any non-zero value as foreground instead)."""
@@ -78,6 +107,33 @@ PETS_CLASSES = ("background", "pet", "border")
 BINARY_CLASSES = ("background", "foreground")
 MAX_CLASSES = 255
 """Class ids are 0..254 (labels are uint8, 255 = ignore)."""
+EXIF_ORIENTATION_TAG = 0x0112
+EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                  4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                  6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                  8: Image.Transpose.ROTATE_90}
+"""EXIF orientation -> the transposition that displays the image (``ImageOps.exif_transpose``'s)."""
+EXIF_ORIENTATION_NAMES = {1: "as stored", 2: "mirrored left-right", 3: "rotated 180 degrees",
+                          4: "mirrored top-bottom", 5: "transposed",
+                          6: "rotated 90 degrees clockwise", 7: "transversed",
+                          8: "rotated 90 degrees counter-clockwise"}
+"""How an image with each EXIF orientation is shown."""
+_SWAPS = (5, 6, 7, 8)  # orientations that swap width and height
+VALIDATE_THREADS = 4
+"""Threads :meth:`SegmentationSource.validate_full` decodes with (at most; fewer on fewer cores)."""
+
+
+def exif_orientation(im: Image.Image) -> int:
+  """The EXIF Orientation (1..8) of an opened PIL image, read from its header (1 when there is
+  none or it is not 2..8). Never decodes pixels: for a PNG only an ``eXIf`` chunk before the pixel
+  data is seen (Pillow's own ``getexif`` would decode the whole file to look behind it)."""
+  try:
+    exif = (Image.Image.getexif(im) if im.format == "PNG" and "exif" not in im.info
+            else im.getexif())
+    o = int(exif.get(EXIF_ORIENTATION_TAG, 1))
+  except Exception:  # a malformed EXIF block: the pixels are still fine, use them as stored
+    return 1
+  return o if o in EXIF_TRANSPOSE else 1
 
 
 def _value_lut(value_map, num_classes):
@@ -109,28 +165,64 @@ def read_mat_label(path) -> np.ndarray:
   return np.asarray(mat["GTcls"].Segmentation).astype(np.int32)
 
 
+class IdList(list):
+  """The ids of a split file (a plain ``list`` of str) that remember where they came from:
+  ``path`` (the file) and ``lines`` (the 1-based line number of each id), so that a
+  :class:`SegmentationSource` can name the file and lines of a duplicated id."""
+
+  def __init__(self, ids=(), path=None, lines=None):
+    super().__init__(ids)
+    self.path = None if path is None else str(path)
+    self.lines = list(lines) if lines is not None else None
+
+
+def _without_path(err, path) -> str:
+  """PIL's error text without the file name it repeats (the problem names the file already)."""
+  return str(err).replace(f" {str(path)!r}", "")
+
+
+_truncated_warned = []
+
+
+def _warn_if_truncated_allowed():
+  if ImageFile.LOAD_TRUNCATED_IMAGES and not _truncated_warned:
+    _truncated_warned.append(True)
+    log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (something in this process set it): "
+                "truncated image files now decode without an error, their missing part grey, and "
+                "cannot be reported; set it back to False to have them found")
+
+
 class SegmentationSource:
   """Images + class-index masks, random access, sizes known from headers.
 
-  Attributes: ``name``, ``ids`` (list of str), ``image_paths``, ``label_paths`` (lists of str),
-  ``sizes`` ((N, 2) int32 height, width), ``num_classes``, ``num_classes_origin`` (str: how
-  ``num_classes`` was decided), ``class_names`` (tuple or None), ``palette`` ((256, 3) uint8,
-  colours for class maps), ``mask_values`` (how stored mask values become classes: ``"index"``,
-  ``"binary"``, ``"trimap"``, ``"palette"`` or ``"value_map"``), ``value_map``, ``report``
+  Attributes: ``name``, ``ids`` (list of str, unique), ``image_paths``, ``label_paths`` (lists of
+  str), ``sizes`` ((N, 2) int32 height, width, after the EXIF policy), ``num_classes``,
+  ``num_classes_origin`` (str: how ``num_classes`` was decided), ``class_names`` (tuple or None),
+  ``palette`` ((256, 3) uint8, colours for class maps), ``mask_values`` (how stored mask values
+  become classes: ``"index"``, ``"binary"``, ``"trimap"``, ``"palette"`` or ``"value_map"``),
+  ``value_map``, ``exif`` (``"apply"`` / ``"ignore"``), ``exif_oriented`` (list of ``(id,
+  orientation)`` of the images whose EXIF Orientation tag is 2..8), ``report``
   (:class:`ErrorReport`).
 
   ``mask_values``: ``"index"`` stored values are classes 0..C-1 and 255 (or ``value_map``'s keys
   when one is given); ``"binary"`` 0 -> 0, any other value -> 1 (colour masks: any non-black
   pixel); ``"palette"`` as ``"index"``, and RGB masks are read colour -> index through ``palette``
-  (exact colours only); ``"trimap"`` through ``value_map``.
+  (exact colours only); ``"trimap"`` through ``value_map``. A colour RGB mask in the other modes is
+  a ``bad_labels`` problem (never a guessed label).
+
+  ``ids``: an :class:`IdList` (what :func:`read_id_list` returns) lets a duplicated id be named
+  with its split file and line numbers. ``exif``: see the module docstring.
   """
 
   def __init__(self, name, ids, image_paths, label_paths, *, num_classes=palette.NUM_VOC_CLASSES,
                class_names=None, value_map=None, mask_values="index", label_format="image",
-               palette=None, num_classes_origin=None, on_error="raise", validate="header"):
+               palette=None, num_classes_origin=None, on_error="raise", validate="header",
+               exif="apply", _finish=True):
     check_policy(on_error)
     if validate not in ("header", "full"):
       raise ValueError(f"validate must be 'header' or 'full', got {validate!r}")
+    if exif not in EXIF_POLICIES:
+      raise ValueError(f"exif must be one of {EXIF_POLICIES}, got {exif!r}")
     if label_format not in ("image", "sbd_mat"):
       raise ValueError(f"label_format must be 'image' or 'sbd_mat', got {label_format!r}")
     if mask_values not in MASK_VALUES + ("value_map",):
@@ -146,33 +238,91 @@ class SegmentationSource:
     self.palette = _full_palette(_palette_mod.VOC_PALETTE if palette is None else palette)
     self.palette.setflags(write=False)
     self.on_error = on_error
+    self.exif = exif
+    self.exif_oriented = []
     self.report = ErrorReport(name)
     self._warned = set()
     self._set_classes(num_classes, class_names,
                       num_classes_origin or f"given ({int(num_classes)} classes)")
     if not ids:
       raise DataError(f"{name}: empty split (no example ids)")
+    _warn_if_truncated_allowed()
+    self._num_ids = len(ids)
+    self._check_all(ids, [str(p) for p in image_paths], [str(p) for p in label_paths])
+    if validate == "full":
+      self._full_pass(progress=True)
+    if _finish:
+      self._finish()
+
+  # -- construction ----------------------------------------------------------------------------
+  def _check_all(self, ids, image_paths, label_paths):
+    """Every up-front check (duplicates, files, headers); problems go to ``self.report``."""
+    if not len(ids) == len(image_paths) == len(label_paths):
+      raise ValueError(f"{len(ids)} ids, {len(image_paths)} images, {len(label_paths)} masks")
+    self.report.num_checked += len(ids)
+    rows = self._unique_rows(ids, image_paths)
     keep_ids, keep_img, keep_lbl, sizes = [], [], [], []
-    for eid, ip, lp in zip(ids, image_paths, label_paths):
-      self.report.num_checked += 1
+    for r in rows:
+      eid, ip, lp = ids[r], image_paths[r], label_paths[r]
       try:
-        hw = self._check_headers(eid, ip, lp)
+        hw, orientation = self._check_headers(eid, ip, lp)
       except DataError as e:
-        if on_error == "raise":
-          raise
-        self.report.add(e.problem or Problem(eid, str(ip), "unknown", str(e)))
+        self.report.add(e.problem or Problem(eid, ip, "unknown", str(e)))
         continue
       keep_ids.append(eid)
-      keep_img.append(str(ip))
-      keep_lbl.append(str(lp))
+      keep_img.append(ip)
+      keep_lbl.append(lp)
       sizes.append(hw)
+      if orientation != 1:
+        self.exif_oriented.append((eid, orientation))
     self.ids, self.image_paths, self.label_paths = keep_ids, keep_img, keep_lbl
     self.sizes = np.asarray(sizes, np.int32).reshape(-1, 2)
-    if validate == "full":
-      self.validate_full(log_summary=False)
+
+  def _unique_rows(self, ids, image_paths):
+    """Rows to check: the first occurrence of each id; every duplicated id is a problem."""
+    where = {}
+    for r, eid in enumerate(ids):
+      where.setdefault(eid, []).append(r)
+    lines = getattr(ids, "lines", None)
+    list_path = getattr(ids, "path", None)
+    for eid, rs in where.items():
+      if len(rs) < 2:
+        continue
+      n = len(rs)
+      paths = [image_paths[r] for r in rs]
+      if list_path is not None and lines is not None:
+        p = Problem(eid, list_path, "duplicate", f"id {eid} appears {n} times (lines "
+                    f"{', '.join(str(lines[r]) for r in rs)})")
+      elif len(set(paths)) == n:  # one stem, several files (a folder of images)
+        parents = {os.path.dirname(q) for q in paths}
+        shown = [os.path.basename(q) for q in paths] if len(parents) == 1 else paths
+        p = Problem(eid, os.path.dirname(paths[0]) if len(parents) == 1 else paths[0],
+                    "duplicate", f"id {eid} names {n} images ({', '.join(shown)}): ids are file "
+                    "stems and must be unique")
+      else:
+        p = Problem(eid, list_path or f"<ids of {self.name}>", "duplicate",
+                    f"id {eid} appears {n} times (positions {', '.join(str(r + 1) for r in rs)})")
+      self.report.add(p)
+      self.report.num_duplicates_dropped += n - 1
+    return sorted(rs[0] for rs in where.values())
+
+  def _finish(self):
+    """End of construction: raise every up-front problem at once, or log them; the EXIF note."""
     if self.report.problems:
-      log.warning("%s", self.report.summary())
-    self._check_not_empty(len(ids))
+      if self.on_error == "raise":
+        raise self.report.error()
+      log.warning("%s", self.report.summary(), extra={IN_REPORT: True})
+    if self.exif_oriented:
+      n = len(self.exif_oriented)
+      what = f"{n} image{'s carry' if n != 1 else ' carries'} an EXIF orientation tag"
+      if self.exif == "apply":  # a warning too: the pixels differ from what PIL alone gives
+        log.warning("%s: %s; applied (exif='apply'; pass exif='ignore' / --exif ignore to use the "
+                 "stored orientation)", self.name, what, extra={IN_REPORT: True})
+      else:
+        log.warning("%s: %s; ignored (exif='ignore': the stored orientation, not the one viewers "
+                    "show; pass exif='apply' / --exif apply to turn them as their tag says)",
+                    self.name, what, extra={IN_REPORT: True})
+    self._check_not_empty(self._num_ids)
 
   def _check_not_empty(self, num_ids):
     if not self.ids:
@@ -195,26 +345,81 @@ class SegmentationSource:
       packed = (self.palette.astype(np.int32) @ np.array([1 << 16, 1 << 8, 1], np.int32))
       self._colour_keys, self._colour_index = np.unique(packed, return_index=True)
 
-  def validate_full(self, log_summary=True):
-    """Decode every example now; with ``on_error="skip"`` drop the ones that fail."""
-    keep = []
-    for i, (eid, ip, lp) in enumerate(zip(self.ids, self.image_paths, self.label_paths)):
-      try:
-        self._decode(eid, ip, lp, self.sizes[i])
-      except DataError as e:
-        if self.on_error == "raise":
-          raise
-        self.report.add(e.problem or Problem(eid, str(ip), "unknown", str(e)))
-        continue
-      keep.append(i)
-    if len(keep) < len(self.ids):
-      self.ids = [self.ids[i] for i in keep]
-      self.image_paths = [self.image_paths[i] for i in keep]
-      self.label_paths = [self.label_paths[i] for i in keep]
-      self.sizes = self.sizes[np.asarray(keep, np.int64)].reshape(-1, 2)
-      if log_summary:
-        log.warning("%s", self.report.summary())
+  # -- full validation -------------------------------------------------------------------------
+  def _decode_problems(self, progress=True, num_threads=None) -> list:
+    """Decode every example (a few threads; in order): [(row, Problem)] of those that fail."""
+    n = len(self.ids)
+    if n == 0:
+      return []
+    threads = num_threads or max(1, min(VALIDATE_THREADS, os.cpu_count() or 1, n))
+    from tqdm.auto import tqdm
+    bar = tqdm(total=n, desc=f"{self.name}: decoding", unit="example", file=sys.stderr,
+               disable=None if progress else True, dynamic_ncols=True)
+    out = []
+    try:
+      with concurrent.futures.ThreadPoolExecutor(threads) as ex:
+        for i, p in enumerate(ex.map(self.problem_of, range(n))):
+          if p is not None:
+            out.append((i, p))
+          bar.update(1)
+    finally:
+      bar.close()
+    return out
+
+  def _keep_rows(self, keep):
+    keep = list(keep)
+    if len(keep) == len(self.ids):
+      return
+    self.ids = [self.ids[i] for i in keep]
+    self.image_paths = [self.image_paths[i] for i in keep]
+    self.label_paths = [self.label_paths[i] for i in keep]
+    self.sizes = self.sizes[np.asarray(keep, np.int64)].reshape(-1, 2)
+    kept = set(self.ids)
+    self.exif_oriented = [(e, o) for e, o in self.exif_oriented if e in kept]
+
+  def _full_pass(self, progress=True):
+    """Decode everything; record the problems and drop their examples (construction time)."""
+    bad = self._decode_problems(progress)
+    for _, p in bad:
+      self.report.add(p)
+    rows = {i for i, _ in bad}
+    self._keep_rows(i for i in range(len(self.ids)) if i not in rows)
+    return bad
+
+  def validate_full(self, progress=True, log_summary=True):
+    """Decode every example now (a small thread pool, results in order, so the outcome does not
+    depend on timing) with a progress bar on stderr (tqdm; off when stderr is not a terminal or
+    ``progress=False``).
+
+    ``on_error="raise"``: one :class:`DataError` listing every decode problem (the source is left
+    as it was). ``"skip"``: the examples that fail are dropped, their problems recorded in
+    ``report`` (and its summary logged once when ``log_summary``). Returns ``self``.
+    """
+    if self.on_error == "raise":
+      bad = self._decode_problems(progress)
+      if bad:
+        raise ErrorReport(self.name, [p for _, p in bad], num_checked=len(self.ids)).error()
+      return self
+    bad = self._full_pass(progress)
+    if bad and log_summary:
+      log.warning("%s", self.report.summary(), extra={IN_REPORT: True})
     self._check_not_empty(self.report.num_checked)
+    return self
+
+  def problem_of(self, i) -> Problem | None:
+    """Decode example ``i`` in the calling process: its :class:`Problem`, or None if it decodes
+    fine. Nothing is recorded: with ``on_error="skip"`` a decode-time problem met in a data worker
+    process is recorded in that worker's copy of the source, and the main process only sees a
+    fully ignored example (``valid`` False); this names the file and the reason there."""
+    i = int(i)
+    eid, ip = self.ids[i], self.image_paths[i]
+    try:
+      self._decode(eid, ip, self.label_paths[i], self.sizes[i])
+    except DataError as e:
+      return e.problem or Problem(eid, ip, "unknown", str(e))
+    except Exception as e:  # noqa: BLE001 - any failure is this example's problem
+      return Problem(eid, ip, "unknown", f"cannot decode ({type(e).__name__}: {e})")
+    return None
 
   # -- checks --------------------------------------------------------------------------------
   @staticmethod
@@ -222,37 +427,85 @@ class SegmentationSource:
     p = Problem(eid, str(path), kind, detail)
     return DataError(str(p), p)
 
+  def _header(self, path):
+    """(h, w) after the EXIF policy, and the EXIF orientation, from the file's header."""
+    with Image.open(path) as im:
+      w, h = im.size
+      o = exif_orientation(im)
+    if self.exif == "apply" and o in _SWAPS:
+      h, w = w, h
+    return (h, w), o
+
+  def _transposed_hint(self, image_hw, mask_hw, image_o, mask_o):
+    """Text for a size mismatch that is exactly a transposition (else "")."""
+    (h, w), (lh, lw) = image_hw, mask_hw
+    if (lh, lw) != (w, h) or h == w:
+      return ""
+    swapped = [(what, o) for what, o in (("image", image_o), ("mask", mask_o)) if o in _SWAPS]
+    if len(swapped) == 1:
+      what, o = swapped[0]
+      done, other = (("applied", "ignore") if self.exif == "apply" else ("ignored", "apply"))
+      return (f"; the {what} carries EXIF orientation {o} (shown {EXIF_ORIENTATION_NAMES[o]}), "
+              f"{done} (exif={self.exif!r}): with exif={other!r} they would match")
+    tags = [f"the {what} carries EXIF orientation {o} ({EXIF_ORIENTATION_NAMES[o]})"
+            for what, o in (("image", image_o), ("mask", mask_o)) if o != 1]
+    return ("; mask is the image transposed (HxW vs WxH): was one of them rotated (EXIF "
+            f"orientation?){' - ' + ', '.join(tags) if tags else ''}")
+
   def _check_headers(self, eid, ip, lp):
-    """Existence + header sizes; returns (h, w) of the image."""
+    """Existence + header sizes; returns ((h, w) of the image, its EXIF orientation)."""
     for path in (ip, lp):
       if not os.path.isfile(path):
         raise self._fail(eid, path, "missing", "file not found")
     try:
-      with Image.open(ip) as im:
-        w, h = im.size
+      (h, w), o = self._header(ip)
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-      raise self._fail(eid, ip, "unreadable", f"cannot read image header ({e})") from None
+      raise self._fail(eid, ip, "unreadable",
+                       f"cannot read image header ({_without_path(e, ip)})") from None
     if self.label_format == "image":
       try:
-        with Image.open(lp) as im:
-          lw, lh = im.size
+        (lh, lw), lo = self._header(lp)
       except Exception as e:
-        raise self._fail(eid, lp, "unreadable", f"cannot read mask header ({e})") from None
+        raise self._fail(eid, lp, "unreadable",
+                         f"cannot read mask header ({_without_path(e, lp)})") from None
       if (lh, lw) != (h, w):
-        raise self._fail(eid, lp, "size_mismatch", f"mask is {lh}x{lw} (HxW), image is {h}x{w}")
-    return (h, w)
+        raise self._fail(eid, lp, "size_mismatch", f"mask is {lh}x{lw} (HxW), image is {h}x{w}"
+                         + self._transposed_hint((h, w), (lh, lw), o, lo))
+    return (h, w), o
 
-  def _read_raw_label(self, eid, lp):
+  def _oriented(self, im):
+    """Load ``im`` and turn it per its EXIF orientation (``exif="apply"``): (image, orientation).
+    The tag is read before loading, as the header check read it."""
+    o = exif_orientation(im)
+    im.load()
+    if self.exif == "apply" and o != 1:
+      im = im.transpose(EXIF_TRANSPOSE[o])
+    return im, o
+
+  def _read_raw_label(self, eid, lp, _orientation=None):
     """The stored mask values (H, W) int (palette mode: RGB colours already turned to indices)."""
     try:
       if self.label_format == "sbd_mat":
-        return read_mat_label(lp)
+        raw = read_mat_label(lp)
+        if _orientation is not None:
+          _orientation.append(1)
+        return raw
       with Image.open(lp) as im:
-        im.load()
+        im, o = self._oriented(im)
+        if _orientation is not None:
+          _orientation.append(o)
         if im.mode in ("RGB", "RGBA") and self.mask_values in ("palette", "binary"):
           rgb = np.asarray(im)[..., :3]
         else:
-          return palette.label_to_array(im)
+          try:
+            return palette.label_to_array(im)
+          except palette.MaskModeError as e:
+            hint = (" (or read colour masks with mask_values='palette', exact palette colours, "
+                    "or 'binary')" if im.mode in ("RGB", "RGBA") else "")
+            raise self._fail(eid, lp, "bad_labels",
+                             f"{e}{hint}; mask_values={self.mask_values!r}") from None
+    except DataError:
+      raise
     except Exception as e:
       raise self._fail(eid, lp, "unreadable", f"cannot decode mask ({e})") from None
     if self.mask_values == "binary":
@@ -298,23 +551,36 @@ class SegmentationSource:
     """Full decode + checks: returns (image uint8 (H,W,3), label uint8 (H,W))."""
     try:
       with Image.open(ip) as im:
-        im.load()
+        im, o = self._oriented(im)
         image = palette.image_to_rgb(im)
     except Exception as e:
-      raise self._fail(eid, ip, "unreadable", f"cannot decode image ({e})") from None
-    raw = self._read_raw_label(eid, lp)
+      msg = str(e)
+      if "truncated" in msg:
+        detail = ("cannot decode image: the file is truncated - its header reads but the pixel "
+                  f"data is cut short (an interrupted download or copy?); PIL: {msg}")
+      else:
+        detail = f"cannot decode image ({msg})"
+      raise self._fail(eid, ip, "unreadable", detail) from None
+    mask_o = []
+    raw = self._read_raw_label(eid, lp, mask_o)
     if image.shape[:2] != tuple(hw):
       raise self._fail(eid, ip, "size_mismatch",
-                       f"decoded image is {image.shape[0]}x{image.shape[1]}, header said {hw}")
+                       f"decoded image is {image.shape[0]}x{image.shape[1]}, header said "
+                       f"{int(hw[0])}x{int(hw[1])}")
     if raw.shape != image.shape[:2]:
       raise self._fail(eid, lp, "size_mismatch",
                        f"mask is {raw.shape[0]}x{raw.shape[1]} (HxW), image is "
-                       f"{image.shape[0]}x{image.shape[1]}")
+                       f"{image.shape[0]}x{image.shape[1]}"
+                       + self._transposed_hint(image.shape[:2], raw.shape, o, mask_o[0]))
     return image, self._values_to_labels(eid, lp, raw)
 
   # -- random access -------------------------------------------------------------------------
   def __len__(self):
     return len(self.ids)
+
+  log_decode_skips = True
+  """Log a warning for each example skipped on decode (off where the caller names them itself,
+  e.g. the training loop, which sees the skip in the main process whatever decoded it)."""
 
   def __getitem__(self, i):
     i = int(i)
@@ -322,14 +588,17 @@ class SegmentationSource:
     try:
       image, label = self._decode(eid, self.image_paths[i], self.label_paths[i], self.sizes[i])
       valid = True
-    except DataError as e:
+    except Exception as e:  # noqa: BLE001 - under "skip" no bad file stops an epoch
       if self.on_error == "raise":
         raise
+      problem = getattr(e, "problem", None) or Problem(
+          eid, self.image_paths[i], "unknown", f"cannot decode ({type(e).__name__}: {e})")
       if eid not in self._warned:
         self._warned.add(eid)
-        self.report.add(e.problem)
-        log.warning("%s: skipping on decode (example %d comes out fully ignored): %s",
-                    self.name, i, e)
+        self.report.add(problem)
+        if self.log_decode_skips:
+          log.warning("%s: skipping on decode (example %d comes out fully ignored): %s",
+                      self.name, i, problem)
       h, w = (int(v) for v in self.sizes[i])
       image = np.zeros((h, w, 3), np.uint8)
       label = np.full((h, w), palette.IGNORE, np.uint8)
@@ -357,6 +626,8 @@ class SegmentationSource:
     new.sizes = self.sizes[idx].copy()
     new.report = ErrorReport(new.name, num_checked=len(idx))
     new._warned = set()
+    oriented = dict(self.exif_oriented)
+    new.exif_oriented = [(e, oriented[e]) for e in dict.fromkeys(new.ids) if e in oriented]
     return new
 
   def __repr__(self):
@@ -394,8 +665,11 @@ def _values_of_array(raw) -> np.ndarray:
   return np.unique(raw)
 
 
-def _scan(source_or_label_paths, max_files=1000, num_threads=4):
-  """-> (sorted values list, files scanned, files in all, files that failed to decode)."""
+def _scan(source_or_label_paths, max_files=1000, num_threads=4, in_report=False):
+  """-> (sorted values list, files scanned, files in all, files that failed to decode).
+
+  ``in_report``: the failures will also be in the source's report (a full validation follows), so
+  the warning is marked as repeating it (see :data:`fcnjax.data.validation.IN_REPORT`)."""
   if isinstance(source_or_label_paths, SegmentationSource):
     src = source_or_label_paths
     items = list(zip(src.ids, src.label_paths))
@@ -423,7 +697,7 @@ def _scan(source_or_label_paths, max_files=1000, num_threads=4):
   failed = [err for _, err in results if err is not None]
   if failed:
     log.warning("mask value scan: %d of %d masks could not be read (first: %s)", len(failed),
-                len(items), failed[0])
+                len(items), failed[0], extra={IN_REPORT: in_report})
   values = np.unique(np.concatenate(seen)) if seen else np.zeros(0, np.int64)
   return [int(v) for v in values], len(items), total, len(failed)
 
@@ -450,19 +724,24 @@ def _short_list(values, limit=24):
 
 
 # ------------------------------------------------------------------------------------------
-def read_id_list(path) -> list:
+def read_id_list(path) -> IdList:
   """Ids from a split file: one id per line (the first token: ``Abyssinian_100 1 1 1`` gives
-  ``Abyssinian_100``), or ``/JPEGImages/x.jpg /Seg.../x.png`` pairs; ``#`` lines are comments."""
+  ``Abyssinian_100``), or ``/JPEGImages/x.jpg /Seg.../x.png`` pairs; ``#`` lines are comments.
+
+  Returns an :class:`IdList` (a list of str, in file order, duplicates included) that remembers the
+  file and each id's line number: a :class:`SegmentationSource` built from it reports a duplicated
+  id as a ``duplicate`` problem naming the file, the id and its lines."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise DataError(f"missing: {path}: split list not found", Problem("", str(path), "missing",
                                                                       "split list not found"))
-  ids = []
-  for line in path.read_text().splitlines():
+  ids, lines = [], []
+  for n, line in enumerate(path.read_text().splitlines(), 1):
     tok = line.strip().split()
     if tok and not tok[0].startswith("#"):
       ids.append(pathlib.PurePosixPath(tok[0]).stem if "/" in tok[0] or "." in tok[0] else tok[0])
-  return ids
+      lines.append(n)
+  return IdList(ids, path, lines)
 
 
 def seg11valid_ids() -> list:
@@ -481,7 +760,7 @@ def find_voc2012(root) -> pathlib.Path:
                   Problem("", str(root), "missing", "no VOC2012/JPEGImages"))
 
 
-def voc_source(root, split="train", *, on_error="raise", validate="header"):
+def voc_source(root, split="train", *, on_error="raise", validate="header", exif="apply"):
   """PASCAL VOC 2012 segmentation: ``split`` in train / val / trainval / seg11valid / <list name>."""
   voc = find_voc2012(root)
   if split == "seg11valid" and not (voc / "ImageSets/Segmentation/seg11valid.txt").is_file():
@@ -491,11 +770,12 @@ def voc_source(root, split="train", *, on_error="raise", validate="header"):
   return SegmentationSource(
       f"voc2012/{split}", ids, [voc / "JPEGImages" / f"{i}.jpg" for i in ids],
       [voc / "SegmentationClass" / f"{i}.png" for i in ids], class_names=palette.VOC_CLASSES,
-      num_classes_origin="PASCAL VOC (21 classes)", on_error=on_error, validate=validate)
+      num_classes_origin="PASCAL VOC (21 classes)", on_error=on_error, validate=validate,
+      exif=exif)
 
 
 def voc_aug_source(root, split="train_aug", *, list_file=None, label_dir="SegmentationClassAug",
-                   on_error="raise", validate="header"):
+                   on_error="raise", validate="header", exif="apply"):
   """VOC images + ``SegmentationClassAug`` PNG masks (SBD converted, 10,582 ``train_aug`` ids).
 
   The id list is ``list_file`` if given, else the first of ``ImageSets/Segmentation/<split>.txt``,
@@ -510,10 +790,11 @@ def voc_aug_source(root, split="train_aug", *, list_file=None, label_dir="Segmen
   return SegmentationSource(
       f"voc_aug/{split}", ids, [voc / "JPEGImages" / f"{i}.jpg" for i in ids],
       [voc / label_dir / f"{i}.png" for i in ids], class_names=palette.VOC_CLASSES,
-      num_classes_origin="PASCAL VOC (21 classes)", on_error=on_error, validate=validate)
+      num_classes_origin="PASCAL VOC (21 classes)", on_error=on_error, validate=validate,
+      exif=exif)
 
 
-def sbd_source(root, split="train", *, on_error="raise", validate="header"):
+def sbd_source(root, split="train", *, on_error="raise", validate="header", exif="apply"):
   """SBD (Hariharan et al.): ``root`` = ``benchmark_RELEASE`` or its ``dataset`` folder."""
   root = pathlib.Path(root).expanduser()
   ds = root / "dataset" if (root / "dataset").is_dir() else root
@@ -522,7 +803,7 @@ def sbd_source(root, split="train", *, on_error="raise", validate="header"):
       f"sbd/{split}", ids, [ds / "img" / f"{i}.jpg" for i in ids],
       [ds / "cls" / f"{i}.mat" for i in ids], class_names=palette.VOC_CLASSES,
       num_classes_origin="PASCAL VOC (21 classes)", label_format="sbd_mat", on_error=on_error,
-      validate=validate)
+      validate=validate, exif=exif)
 
 
 def find_pets(root) -> pathlib.Path:
@@ -537,7 +818,7 @@ def find_pets(root) -> pathlib.Path:
 
 
 def pets_source(root, split="trainval", *, ignore_border=False, on_error="raise",
-                validate="header"):
+                validate="header", exif="apply"):
   """Oxford-IIIT Pets: ``images/<id>.jpg`` + ``annotations/trimaps/<id>.png`` for the ids of
   ``annotations/<split>.txt`` (``trainval`` 3,680 / ``test`` 3,669 ids in the real dataset).
 
@@ -556,7 +837,7 @@ def pets_source(root, split="trainval", *, ignore_border=False, on_error="raise"
       mask_values="trimap",
       num_classes_origin=(f"Oxford-IIIT Pets trimaps: {len(names)} classes ({', '.join(names)}"
                           + (", border ignored)" if ignore_border else ")")),
-      on_error=on_error, validate=validate)
+      on_error=on_error, validate=validate, exif=exif)
 
 
 def _missing_dir(path, what):
@@ -580,12 +861,15 @@ def _mask_priority(p):
 
 def folder_source(image_dir, label_dir, *, mask_values="index", num_classes=None,
                   class_names=None, value_map=None, trimap_ignore_border=False,
-                  on_error="raise", validate="header", name=None, scan_max_files=1000):
+                  on_error="raise", validate="header", exif="apply", name=None,
+                  scan_max_files=1000):
   """Images in ``image_dir`` and masks in ``label_dir`` matched by file stem.
 
   Files: every format Pillow can open (:data:`IMAGE_EXTS`), hidden files left out; an image with no
   mask of the same stem is a ``missing`` problem; masks without images are ignored; when several
-  masks share a stem the PNG (lossless) one is used.
+  masks share a stem the PNG (lossless) one is used; two *images* with one stem (``a.jpg`` and
+  ``a.png``) are a ``duplicate`` problem naming both (with ``on_error="skip"`` the first, in sorted
+  order, is used). ``exif``: the EXIF orientation policy (module docstring).
 
   ``mask_values`` says what the stored mask values mean:
     * ``"index"``: class ids 0..C-1, 255 = ignore.
@@ -683,12 +967,22 @@ def folder_source(image_dir, label_dir, *, mask_values="index", num_classes=None
       class_names=None if infer else (class_names or _default_names(num_classes)),
       value_map=value_map, mask_values=kind, palette=pal,
       num_classes_origin=origin or "inferring", on_error=on_error,
-      validate="header" if infer else validate)
+      validate="header" if infer else validate, exif=exif, _finish=not infer)
   if infer:
-    n, origin = _infer_num_classes(src, mask_values, scan_max_files)
+    # The up-front problems are collected first (header checks above, decoding below, once the
+    # classes are known) and raised / logged together by _finish.
+    if not src.ids:
+      src._finish()  # raises: every example failed its header check
+    try:
+      n, origin = _infer_num_classes(src, mask_values, scan_max_files,
+                                     in_report=validate == "full")
+    except DataError:
+      src._finish()  # the file problems first (they may be why inference failed)
+      raise
     src._set_classes(n, _default_names(n), origin)
     if validate == "full":
-      src.validate_full()
+      src._full_pass(progress=True)
+    src._finish()
   return src
 
 
@@ -696,9 +990,9 @@ def _default_names(n):
   return tuple(f"class{i}" for i in range(int(n)))
 
 
-def _infer_num_classes(src, mask_values, max_files):
+def _infer_num_classes(src, mask_values, max_files, in_report=False):
   """(num_classes, origin text) from the values stored in ``src``'s masks."""
-  values, scanned, total, failed = _scan(src, max_files)
+  values, scanned, total, failed = _scan(src, max_files, in_report=in_report)
   where = (f" (in {scanned} of {total} masks, evenly sampled)" if scanned < total
            else f" (in all {total} masks)")
   if failed:
@@ -727,7 +1021,8 @@ def _infer_num_classes(src, mask_values, max_files):
 
 
 def open_source(root, split="train", **kw):
-  """Guess the layout of ``root`` (VOC, SBD, Oxford-IIIT Pets) and open ``split``."""
+  """Guess the layout of ``root`` (VOC, SBD, Oxford-IIIT Pets) and open ``split``; ``kw``
+  (``on_error``, ``validate``, ``exif``, ...) go to the reader."""
   root = pathlib.Path(root).expanduser()
   if (root / "dataset" / "cls").is_dir() or (root / "cls").is_dir():
     return sbd_source(root, split, **kw)
