@@ -233,8 +233,13 @@ def validate(cfg) -> None:
     raise _bad("loss.class_weights", tuple(cfg.loss.class_weights), "every weight must be >= 0")
 
 
-def check_devices(cfg, num_devices: int) -> None:
-  """Raise :class:`ConfigError` if a batch size is not a multiple of the data-parallel devices."""
+def check_devices(cfg, num_devices: int, num_processes: int = 1) -> None:
+  """Raise :class:`ConfigError` if a batch size is not a multiple of the data-parallel devices,
+  or if an option needs a single process (``data.on_bad_data = "raise"``: a bad file is seen
+  only by the process that loads it, which cannot stop the others at a common step)."""
+  if num_processes > 1 and cfg.data.on_bad_data == "raise":
+    raise _bad("data.on_bad_data", "raise", f"works on a single process only (this run has "
+               f"{num_processes}); use skip: bad files are skipped and counted")
   for key in ("data.batch_size", "data.eval_batch_size"):
     value = flatten(cfg)[key]
     if key == "data.batch_size" and cfg.data.pixels_per_batch:

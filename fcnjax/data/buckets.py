@@ -233,11 +233,17 @@ def plan_buckets(sizes, max_buckets=8, *, granularity: int = 1,
 
 
 def batch_sizes(shapes, *, batch_size: int | None = None, pixels_per_batch: int | None = None,
-                num_devices: int = 1) -> np.ndarray:
+                num_devices: int = 1, max_batch_sizes=None) -> np.ndarray:
   """Global batch size per bucket: fixed ``batch_size`` or ``pixels_per_batch // (H*W)``.
 
   Always a positive multiple of ``num_devices`` (the global data-parallel device count; a pixel
   budget too small for one image per device still gives ``num_devices``).
+
+  ``max_batch_sizes``: optional per-bucket caps applied after that (e.g. a memory plan's, see
+  :func:`fcnjax.train.memory.plan_batch_sizes`): a sequence with one entry per row of ``shapes``
+  (same order), or a mapping ``(H, W) -> cap`` (buckets it does not name are not capped); an
+  entry ``None`` means no cap. Each cap must be a positive multiple of ``num_devices``; a bucket's
+  size becomes ``min(size, cap)``. ``None`` (default) changes nothing.
   """
   shapes = np.asarray(shapes, np.int64).reshape(-1, 2)
   nd = int(num_devices)
@@ -248,6 +254,39 @@ def batch_sizes(shapes, *, batch_size: int | None = None, pixels_per_batch: int 
   if batch_size is not None:
     if batch_size < 1 or batch_size % nd:
       raise ValueError(f"batch_size {batch_size} is not a positive multiple of {nd} devices")
-    return np.full(len(shapes), int(batch_size), np.int64)
-  per = pixels_per_batch // (shapes[:, 0] * shapes[:, 1])
-  return np.maximum(per // nd * nd, nd).astype(np.int64)
+    sizes = np.full(len(shapes), int(batch_size), np.int64)
+  else:
+    per = pixels_per_batch // (shapes[:, 0] * shapes[:, 1])
+    sizes = np.maximum(per // nd * nd, nd).astype(np.int64)
+  if max_batch_sizes is None:
+    return sizes
+  return np.minimum(sizes, _caps(shapes, max_batch_sizes, nd))
+
+
+def _caps(shapes, max_batch_sizes, nd) -> np.ndarray:
+  """``max_batch_sizes`` (sequence or mapping, see :func:`batch_sizes`) -> (K,) int64 caps."""
+  no_cap = np.iinfo(np.int64).max
+  if hasattr(max_batch_sizes, "keys"):
+    known = {(int(h), int(w)) for h, w in shapes}
+    by_shape = {}
+    for key, cap in max_batch_sizes.items():
+      hw = tuple(int(v) for v in key)
+      if hw not in known:
+        raise ValueError(f"max_batch_sizes names bucket {hw[0]}x{hw[1]}, which is not one of the "
+                         f"buckets {sorted(known)}")
+      by_shape[hw] = cap
+    caps = [by_shape.get((int(h), int(w))) for h, w in shapes]
+  else:
+    caps = list(max_batch_sizes)
+    if len(caps) != len(shapes):
+      raise ValueError(f"max_batch_sizes has {len(caps)} entries for {len(shapes)} buckets")
+  out = np.full(len(shapes), no_cap, np.int64)
+  for k, cap in enumerate(caps):
+    if cap is None:
+      continue
+    if int(cap) != cap or cap < 1 or int(cap) % nd:
+      h, w = (int(v) for v in shapes[k])
+      raise ValueError(f"max_batch_sizes: cap {cap!r} for bucket {h}x{w} is not a positive "
+                       f"multiple of {nd} devices")
+    out[k] = int(cap)
+  return out

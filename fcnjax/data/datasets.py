@@ -49,13 +49,14 @@ def _cache(data):
 
 def _opts(data) -> dict:
   """The reader options every layout takes from ``config.data``."""
-  return dict(validate=data.validate)  # EXIFTODO
+  return dict(validate=data.validate, exif=data.exif)
 
 
 def _decode_skips(sources: Sources) -> Sources:
   """Decode-time problems become fully-ignored examples (the loop decides what to do)."""
   for src in (sources.train, sources.val):
     src.on_error = "skip"
+    src.log_decode_skips = False  # the training loop names each one (Run.check_rows)
   return sources
 
 
@@ -151,7 +152,13 @@ def make_sources(config, *, print_fn=print) -> Sources:
     raise DataError(f"data.kind = {kind!r}: must be one of {', '.join(makers)}")
   try:
     return _decode_skips(makers[kind]())
-  except DataError:
+  except DataError as e:
+    hint = "(on_error='skip' would leave these examples out and use the rest)"
+    if hint in str(e):  # the CLIs stop on up-front problems: say what to do instead
+      raise DataError(str(e).replace(hint, (
+          "Nothing was trained: fix or remove these files (or their ids in the split file) "
+          "and run again; problems found only when decoding are skipped and counted")),
+          e.problem, getattr(e, "problems", None)) from None
     raise
   except ValueError as e:  # the readers' argument checks (e.g. 3 class names for binary masks)
     raise DataError(f"data: {e}") from e

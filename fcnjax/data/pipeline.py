@@ -347,14 +347,18 @@ def make_loader(source, *, seed: int = 0, num_epochs: int = 1, start_epoch: int 
                 num_devices: int = 1, process_index: int = 0, process_count: int = 1,
                 preprocessing=preprocessing_lib.CAFFE, num_workers: int = 0,
                 num_threads: int = 2, prefetch_batches: int = 2,
-                plan_kwargs: dict | None = None, resize_to_fit: bool = True) -> Loader:
+                plan_kwargs: dict | None = None, resize_to_fit: bool = True,
+                max_batch_sizes=None) -> Loader:
   """Batches of ``source`` for epochs ``start_epoch .. start_epoch + num_epochs - 1``.
 
   Buckets: ``bucket_shapes`` [(H, W), ...] if given, else planned with
   :func:`~fcnjax.data.buckets.plan_buckets` (``max_buckets`` int or "auto", ``granularity``,
   ``plan_kwargs`` for the auto cost model) on the source sizes at the scales ``augment`` can draw.
   Batch sizes: ``batch_size`` (fixed) or ``pixels_per_batch`` (per bucket), multiples of
-  ``num_devices`` (global device count) and of ``process_count``. Images too large for every
+  ``num_devices`` (global device count) and of ``process_count``, each capped by
+  ``max_batch_sizes`` if given (one cap per bucket in ``bucket_shapes`` order - sorted by area -
+  or a mapping (H, W) -> cap; see :func:`~fcnjax.data.buckets.batch_sizes`; e.g. the batch sizes
+  of a :func:`fcnjax.train.memory.plan_batch_sizes` plan). Images too large for every
   given bucket are scaled down to fit the largest (``resize_to_fit``; evaluation raises instead).
   Workers: ``num_workers`` grain worker processes, ``num_threads`` reading threads per process,
   ``prefetch_batches`` batches buffered per worker/thread pool.
@@ -380,7 +384,7 @@ def make_loader(source, *, seed: int = 0, num_epochs: int = 1, start_epoch: int 
                                   int((shapes[b, 0] * shapes[b, 1]).sum()), granularity)
   shapes = plan.shapes
   bsz = buckets_lib.batch_sizes(shapes, batch_size=batch_size, pixels_per_batch=pixels_per_batch,
-                                num_devices=num_devices)
+                                num_devices=num_devices, max_batch_sizes=max_batch_sizes)
   if (bsz % process_count).any():
     raise ValueError(f"batch sizes {bsz.tolist()} not divisible by process_count {process_count}")
   counts = [len(make_epoch_plan(sizes, shapes, bsz, seed=seed, epoch=e, shuffle=shuffle,
@@ -398,14 +402,16 @@ def make_loader(source, *, seed: int = 0, num_epochs: int = 1, start_epoch: int 
 def make_train_loader(source, *, seed: int = 0, num_epochs: int = 1, start_epoch: int = 0,
                       augment: augment_lib.Augment | None = augment_lib.Augment(),
                       remainder: str = "pad", **kw) -> Loader:
-  """Shuffled, augmented batches over ``num_epochs`` epochs (see :func:`make_loader`)."""
+  """Shuffled, augmented batches over ``num_epochs`` epochs (see :func:`make_loader`; ``**kw``
+  includes ``max_batch_sizes``)."""
   return make_loader(source, seed=seed, num_epochs=num_epochs, start_epoch=start_epoch,
                      shuffle=True, augment=augment, remainder=remainder, **kw)
 
 
 def make_eval_loader(source, **kw) -> Loader:
   """One pass over ``source``, no augmentation, bucket by bucket in index order, every image
-  exactly once (partial batches padded with dummies: ``index`` -1, ``mask`` False)."""
+  exactly once (partial batches padded with dummies: ``index`` -1, ``mask`` False). ``**kw``:
+  :func:`make_loader`'s other arguments, ``max_batch_sizes`` included."""
   for k in ("augment", "remainder", "shuffle", "num_epochs", "start_epoch", "resize_to_fit"):
     if k in kw:
       raise TypeError(f"make_eval_loader does not take {k!r}")

@@ -570,7 +570,7 @@ def train(config, workdir, *, resume: bool = False, eval_only: bool = False,
         "that run, or choose another --workdir")
   notice = lambda m: print(m, file=sys.stderr, flush=True)
   with contextlib.ExitStack() as guards:
-    if jax.process_index() == 0 and not eval_only:
+    if jax.process_index() == 0:
       guards.enter_context(WorkdirLock(workdir, notice=print_fn))
     stop = guards.enter_context(StopRequests(notice=notice))
     return _train(config, workdir, latest, saved, stop, resume=resume, eval_only=eval_only,
@@ -582,6 +582,9 @@ def _train(config, workdir, latest, saved, stop, *, resume, eval_only, allow_cha
            restart_epoch, sources, print_fn) -> dict:
   if sources is None:
     sources = datasets.make_sources(config, print_fn=print_fn)
+  if stop.requested:
+    raise Interrupted(f"stopped by {stop.name} before training started: nothing was trained or "
+                      "saved", stop.signal)
   config = resolve(config, sources.train)
   if latest is not None and saved:
     changed = check_resume(saved, config, allow_changes)

@@ -132,7 +132,10 @@ def run(config, args, *, print_fn=print, flag_of=None) -> int:
   workdir = pathlib.Path(args.workdir or f"runs/{config.name}-{config.preset or 'default'}")
   allow = [a.strip() for a in args.allow_change.split(",") if a.strip()]
   try:
-    configs.check_devices(config, jax.device_count())
+    configs.check_devices(config, jax.device_count(), jax.process_count())
+    if config.model.init and not os.path.isfile(os.path.expanduser(config.model.init)):
+      raise configs.ConfigError(f"model.init = {config.model.init!r}: no such file",
+                                field="model.init", value=config.model.init)
   except configs.ConfigError as e:
     print(f"error: {config_error_text(e, flag_of)}", file=sys.stderr)
     return 2
