@@ -32,7 +32,7 @@ from fcnjax.data import augment as augment_lib
 from fcnjax.data import datasets, pipeline
 from fcnjax.data.palette import VOC_PALETTE
 from fcnjax.data.validation import DataError
-from fcnjax.train import optim, parallel, report
+from fcnjax.train import memory, optim, parallel, report
 from fcnjax.train import step as step_lib
 from fcnjax.train.checkpoint import CheckpointDamaged, CheckpointMismatch, Checkpointer
 from fcnjax.train.interrupts import Interrupted, StopRequests
@@ -127,9 +127,10 @@ def _max_buckets(config):
 
 
 def build_loaders(config, train_source, val_source, num_devices: int, *, start_epoch: int = 0,
-                  done_steps: int = 0):
+                  done_steps: int = 0, max_batch_sizes=None, eval_max_batch_sizes=None):
   """(train loader, val loader). ``start_epoch``: the train loader starts at that epoch, for a
-  run that already did ``done_steps`` steps (``--restart-epoch``)."""
+  run that already did ``done_steps`` steps (``--restart-epoch``). ``max_batch_sizes`` /
+  ``eval_max_batch_sizes``: ``{(H, W): cap}`` from the memory plan (:mod:`fcnjax.train.memory`)."""
   d, a = config.data, config.augment
   granularity = max(d.granularity, ALIGNED_GRANULARITY if config.model.aligned else 1)
   dist = dict(num_devices=num_devices, process_index=jax.process_index(),
@@ -143,7 +144,8 @@ def build_loaders(config, train_source, val_source, num_devices: int, *, start_e
     return pipeline.make_train_loader(train_source, seed=config.train.seed,
                                       num_epochs=num_epochs, start_epoch=start_epoch,
                                       augment=aug, max_buckets=_max_buckets(config),
-                                      num_workers=d.num_workers, **batching, **dist)
+                                      num_workers=d.num_workers, max_batch_sizes=max_batch_sizes,
+                                      **batching, **dist)
 
   train = train_loader(max(1, config.train.epochs - start_epoch))
   if config.train.steps is not None:
@@ -154,7 +156,7 @@ def build_loaders(config, train_source, val_source, num_devices: int, *, start_e
   if d.eval_batch_size:
     eval_batching = dict(batch_size=d.eval_batch_size, pixels_per_batch=None)
   val = pipeline.make_eval_loader(val_source, max_buckets=_max_buckets(config), **eval_batching,
-                                  **dist)
+                                  max_batch_sizes=eval_max_batch_sizes, **dist)
   return train, val
 
 
@@ -211,7 +213,9 @@ class Run:
     self.preprocessing = model.preprocessing
     self.num_params = models.count_params(model)
     self.model = model
+    self.memory_caps = self.eval_caps = None
     self._build_steps()
+    self._plan_memory()
     class_weights = tuple(config.loss.class_weights) or None
     if class_weights is not None and len(class_weights) != config.model.num_classes:
       raise configs_lib.ConfigError(
@@ -253,6 +257,44 @@ class Run:
     self.eval_step = step_lib.make_eval_step(self.graphdef)
     self.predict = step_lib.make_predict(self.graphdef)
 
+  def _plan_memory(self) -> None:
+    """Fit every bucket's step into the device's memory before training (see
+    :mod:`fcnjax.train.memory`): lower a bucket's batch where needed, or raise
+    :class:`~fcnjax.train.memory.StepMemoryError` naming an image that does not fit alone.
+    Evaluation batches are capped with the train step's figures (an upper bound for them)."""
+    limit = memory.device_memory_bytes()
+    if limit is None:
+      self.print(f"memory: this device's memory is unknown, batches not planned (set "
+                 f"{memory.ENV_VAR}, e.g. {memory.ENV_VAR}=16G)")
+      return
+    loader = self.train_loader
+    plan = memory.plan_batch_sizes(self.train_step, self.state, loader.bucket_shapes,
+                                   loader.batch_sizes, num_devices=self.mesh.size,
+                                   limit_bytes=limit,
+                                   images_of_bucket=memory.bucket_images(loader))
+    self.memory_plan = plan
+    for line in plan.log_lines():
+      self.print("memory: " + line)
+    val = self.val_loader
+    if plan.model is not None:
+      vplan = memory.plan_from_model(plan.model, val.bucket_shapes, val.batch_sizes,
+                                     num_devices=self.mesh.size, limit_bytes=limit,
+                                     images_of_bucket=memory.bucket_images(val))
+    else:
+      vplan = memory.plan_batch_sizes(self.train_step, self.state, val.bucket_shapes,
+                                      val.batch_sizes, num_devices=self.mesh.size,
+                                      limit_bytes=limit,
+                                      images_of_bucket=memory.bucket_images(val))
+    for line in vplan.log_lines():
+      self.print("memory (val): " + line)
+    if plan.reduced or vplan.reduced:
+      self.memory_caps = {tuple(s): b for s, b in zip(plan.bucket_shapes, plan.batch_sizes)}
+      self.eval_caps = {tuple(s): b for s, b in zip(vplan.bucket_shapes, vplan.batch_sizes)}
+      self.train_loader, self.val_loader = build_loaders(
+          self.cfg, self.sources.train, self.sources.val, self.mesh.size,
+          max_batch_sizes=self.memory_caps, eval_max_batch_sizes=self.eval_caps)
+      self._build_steps(state=self.state)
+
   def start_outputs(self) -> None:
     """Write config.json and open TensorBoard (only once the run is known to go ahead)."""
     if self.primary:
@@ -274,7 +316,15 @@ class Run:
     data = dict(meta.get("data") or {})
     start_epoch = int(data.get("start_epoch", 0))
     offset = int(meta.get("data_offset", 0))
-    if start_epoch != self.train_loader.start_epoch or offset != self.data_offset:
+    saved_bs, mine = data.get("batch_sizes"), self.train_loader.fingerprint()
+    if (saved_bs and data.get("bucket_shapes") == mine["bucket_shapes"]
+        and saved_bs != mine["batch_sizes"]
+        and all(a <= b for a, b in zip(saved_bs, mine["batch_sizes"]))):
+      # smaller batches than this device needs (the run started where memory was tighter):
+      # keep them, so the run continues exactly
+      self.memory_caps = {tuple(s): int(b) for s, b in zip(mine["bucket_shapes"], saved_bs)}
+      self._rebuild_train(start_epoch, offset)
+    elif start_epoch != self.train_loader.start_epoch or offset != self.data_offset:
       self._rebuild_train(start_epoch, offset)
     it = iter(self.train_loader)
     try:
@@ -286,9 +336,12 @@ class Run:
                           if k in data and data[k] != mine[k] and k != "bucket_shapes")
       if data.get("bucket_shapes") != mine["bucket_shapes"]:
         changed += ("; " if changed else "") + "the size buckets differ"
+      if data.get("batch_sizes") != mine["batch_sizes"]:
+        changed += " (batch sizes follow the memory plan of the device, see the 'memory:' lines)"
       if not restart_epoch:
         raise DataChanged(
-            f"the training data changed since checkpoint {step} ({changed or e}): the saved "
+            f"the training data or batches changed since checkpoint {step} ({changed or e}): "
+            "the saved "
             "position in the epoch no longer means the same images. Pass --restart-epoch to "
             "start the interrupted epoch again with the new data (the learned state is kept), "
             "or restore the dataset as it was") from None
@@ -305,7 +358,7 @@ class Run:
     self.data_offset = offset
     self.train_loader, _ = build_loaders(self.cfg, self.sources.train, self.sources.val,
                                          self.mesh.size, start_epoch=start_epoch,
-                                         done_steps=offset)
+                                         done_steps=offset, max_batch_sizes=self.memory_caps)
     self._build_steps(state=self.state)
 
   def epoch_of(self, step: int) -> tuple:
@@ -327,6 +380,10 @@ class Run:
     self.print(f"classes: {c.model.num_classes} ({', '.join(self.class_names)})")
     self.print("train buckets: " + self.train_loader.report().replace("\n", "\n  "))
     self.print("val buckets: " + self.val_loader.report().replace("\n", "\n  "))
+    for line in memory.dummy_row_warnings(self.train_loader):
+      line = line.split(" Fix: ")[0]
+      self.print(f"warning: {line} Fix: --max-buckets (fewer or other buckets, so these images "
+                 "share one) or --pixels-per-batch (large buckets get small batches)")
     self.print(f"model: {c.model.name} ({'aligned' if c.model.aligned else 'exact'}, width "
                f"x{c.model.width_multiplier:g}, {c.model.precision}), {self.num_params:,} "
                f"learnable parameters; {self.total_steps} steps")

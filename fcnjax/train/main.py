@@ -120,6 +120,7 @@ def run(config, args, *, print_fn=print, flag_of=None) -> int:
   from fcnjax.data.validation import DataError
   from fcnjax.train import parallel
   from fcnjax.train.checkpoint import CheckpointDamaged, CheckpointMismatch, CheckpointSaveError
+  from fcnjax.train import memory
   from fcnjax.train.interrupts import Interrupted
   from fcnjax.train.workdir_lock import WorkdirLocked
   from fcnjax.weights import WeightsError
@@ -133,6 +134,11 @@ def run(config, args, *, print_fn=print, flag_of=None) -> int:
   allow = [a.strip() for a in args.allow_change.split(",") if a.strip()]
   try:
     configs.check_devices(config, jax.device_count(), jax.process_count())
+    if os.environ.get(memory.ENV_VAR):
+      try:
+        memory.parse_bytes(os.environ[memory.ENV_VAR])
+      except ValueError as e:
+        raise configs.ConfigError(f"{memory.ENV_VAR}={os.environ[memory.ENV_VAR]!r}: {e}")
     if config.model.init and not os.path.isfile(os.path.expanduser(config.model.init)):
       raise configs.ConfigError(f"model.init = {config.model.init!r}: no such file",
                                 field="model.init", value=config.model.init)
@@ -152,7 +158,8 @@ def run(config, args, *, print_fn=print, flag_of=None) -> int:
     print(f"error: {config_error_text(e, flag_of)}", file=sys.stderr)
     return 2
   except (DataError, WeightsError, FileNotFoundError, FileExistsError, TrainingDiverged,
-          CheckpointMismatch, CheckpointDamaged, CheckpointSaveError, WorkdirLocked) as e:
+          CheckpointMismatch, CheckpointDamaged, CheckpointSaveError, WorkdirLocked,
+          memory.StepMemoryError) as e:
     # Bad input or a stopped run: the message names the file / field / problem.
     print(f"error: {e}", file=sys.stderr)
     return 1

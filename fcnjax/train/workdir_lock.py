@@ -56,6 +56,7 @@ class WorkdirLock:
       return {}
 
   def acquire(self) -> None:
+    self.created_dir = not self.path.parent.exists()
     self.path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(3):
       if self._create():
@@ -96,8 +97,14 @@ class WorkdirLock:
     self.path.unlink(missing_ok=True)
 
   def release(self) -> None:
+    """Remove the lock (and the workdir, if the lock created it and the run wrote nothing)."""
     if self.held and self.owner() == self.me:
       self._remove()
+      if getattr(self, "created_dir", False):
+        try:
+          self.path.parent.rmdir()  # only succeeds when empty
+        except OSError:
+          pass
     self.held = False
 
   def __enter__(self):
