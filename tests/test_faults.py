@@ -395,3 +395,57 @@ def test_the_train_cli_names_its_config_override(tmp_path, capsys):
   assert rc == 2
   assert errors(capsys.readouterr().err) == [
       "error: --config.checkpoint.save_every=0: must be a positive integer (1, 2, ...)"]
+
+
+def test_validate_full_finds_decode_problems_before_training(voc, tmp_path, capsys):
+  ids = split_ids(voc)
+  truncate(voc / "JPEGImages" / f"{ids[4]}.jpg", 0.5)
+  rc = cli(voc, tmp_path / "w", "--validate", "full")
+  out = capsys.readouterr()
+  assert rc == 1 and "Traceback" not in out.err
+  (line,) = errors(out.err)
+  assert "1 problem (unreadable=1)" in line and "Nothing was trained" in out.err
+  assert ids[4] in out.err and not (tmp_path / "w").exists()
+
+
+# -- weights given with --init ------------------------------------------------------------------
+def test_init_weights_problems_are_one_line_and_the_escape_hatches_work(voc, tmp_path, capsys,
+                                                                       compile_cache):
+  from flax import nnx
+  from fcnjax import models, weights
+
+  def trained(model):  # score layers start at zero (no geometry yet): give them values
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+      if any("score" in str(k) for k in path):
+        var[...] = var[...] + 0.01
+    return model
+  exact = tmp_path / "exact.safetensors"
+  weights.save(trained(models.build_model("fcn8s", 21, width_multiplier=0.0625, aligned=False)),
+               exact)
+  rc = cli(voc, tmp_path / "a", "--init", str(exact), cache=compile_cache)  # smoke is aligned
+  out = capsys.readouterr()
+  assert rc == 1
+  (line,) = errors(out.err)
+  assert str(exact) in line and "exact (pad-100) geometry" in line
+  assert "--allow-geometry-change" in line and not (tmp_path / "a" / "checkpoints").exists()
+  assert cli(voc, tmp_path / "b", "--init", str(exact), "--allow-geometry-change", "--steps", "2",
+             cache=compile_cache) == 0
+  capsys.readouterr()
+  five = tmp_path / "five.safetensors"
+  weights.save(models.build_model("fcn8s", 5, width_multiplier=0.0625, aligned=True), five)
+  rc = cli(voc, tmp_path / "c", "--init", str(five), cache=compile_cache)
+  (line,) = errors(capsys.readouterr().err)
+  assert rc == 1 and "scores 5 classes" in line and "--reinit-scores" in line
+  assert cli(voc, tmp_path / "d", "--init", str(five), "--reinit-scores", "--steps", "2",
+             cache=compile_cache) == 0
+  capsys.readouterr()
+  garbage = tmp_path / "garbage.safetensors"
+  garbage.write_bytes(b"\x00\x01 not a weight file")
+  rc = cli(voc, tmp_path / "e", "--init", str(garbage), cache=compile_cache)
+  out = capsys.readouterr()
+  assert rc == 1 and "Traceback" not in out.err
+  (line,) = errors(out.err)
+  assert str(garbage) in line and "safetensors" in line
+  rc = cli(voc, tmp_path / "f", "--init", str(tmp_path / "nope.pth"), cache=compile_cache)
+  assert rc == 2 and errors(capsys.readouterr().err) == [
+      f"error: --init {tmp_path / 'nope.pth'}: no such file"]

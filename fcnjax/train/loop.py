@@ -663,7 +663,8 @@ def _train(config, workdir, latest, saved, stop, *, resume, eval_only, allow_cha
     if latest is not None:
       run.print(f"resumed from {run.ckpt.last.directory}/{step} (step {step} of "
                 f"{run.total_steps})")
-    pending = bool(meta.get("eval_pending")) and not run.log.has_eval(step)
+    pending = _same_on_all_processes(bool(meta.get("eval_pending"))
+                                     and not run.log.has_eval(step))
     if resume and not eval_only and step >= run.total_steps and not pending:
       final = _read_final(workdir)
       run.print(f"{workdir}: this run already finished (step {step} of {run.total_steps}"
@@ -678,7 +679,7 @@ def _train(config, workdir, latest, saved, stop, *, resume, eval_only, allow_cha
       return run.evaluate(step, stop)
     if it is None:
       it = iter(run.train_loader)
-    return _loop(run, it, step, meta, stop)
+    return _loop(run, it, step, pending, stop)
   finally:
     if it is not None:
       it.close()
@@ -687,12 +688,20 @@ def _train(config, workdir, latest, saved, stop, *, resume, eval_only, allow_cha
       run.tensorboard.close()
 
 
-def _loop(run: Run, it, step: int, meta: dict, stop: StopRequests) -> dict:
+def _same_on_all_processes(flag: bool) -> bool:
+  """Process 0's ``flag`` on every process (decisions read from process 0's metrics.jsonl)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+def _loop(run: Run, it, step: int, pending: bool, stop: StopRequests) -> dict:
   config = run.cfg
   metrics = {}
   progress = None
   try:
-    if meta.get("eval_pending") and not run.log.has_eval(step):
+    if pending:
       run.print(f"checkpoint {step} was saved before an evaluation that did not finish: "
                 "evaluating it now")
       metrics = run.evaluate(step, stop, it)
