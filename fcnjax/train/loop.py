@@ -476,8 +476,9 @@ class Run:
     where = (f"saved checkpoint {saved} in {self.ckpt.last.directory}" if saved is not None
              else "no checkpoint yet: nothing was trained")
     raise Interrupted(f"stopped by {stop.name}{' during ' + during if during else ''} at step "
-                      f"{step} of {self.total_steps}: {where}; continue with --resume "
-                      f"--workdir {self.workdir}", stop.signal)
+                      f"{step} of {self.total_steps}: {where}; continue with the same command "
+                      f"plus --resume, or: python -m fcnjax.train --workdir {self.workdir} "
+                      "--resume", stop.signal)
 
   # -- evaluation -----------------------------------------------------------------------------
   def evaluate(self, step: int, stop: StopRequests | None = None, it=None) -> dict:
