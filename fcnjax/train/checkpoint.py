@@ -88,24 +88,10 @@ def describe_mismatch(saved: dict, wanted: dict) -> str | None:
 
 
 def state_spec(state) -> dict:
-  """``{array path: [shape, dtype]}`` of a (real or abstract) state, as stored (keys as data)."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(to_saveable(state) if not _has_abstract(state)
-                                                 else _abstract_saveable(state))
+  """``{array path: [shape, dtype]}`` of a state as stored (PRNG keys as their raw data)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(to_saveable(state))
   return {jax.tree_util.keystr(k): [list(map(int, x.shape)), str(np.dtype(x.dtype))]
           for k, x in flat}
-
-
-def _has_abstract(state) -> bool:
-  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
-
-
-def _abstract_saveable(state):
-  def one(x):
-    if _abstract_is_key(x):
-      data = jax.eval_shape(jax.random.key_data, x)
-      return jax.ShapeDtypeStruct(data.shape, data.dtype)
-    return x
-  return jax.tree.map(one, state)
 
 
 def describe_spec_mismatch(saved: dict, wanted: dict, limit: int = 4) -> str | None:
@@ -173,8 +159,7 @@ class Checkpointer:
       mngr.wait_until_finished()
     except Exception as e:  # noqa: BLE001 - tensorstore / OS errors of every kind
       self._remove_temporaries(mngr)
-      intact = sorted(mngr.all_steps(read=True)) if hasattr(mngr, "all_steps") else []
-      intact = [s for s in intact if s != step]
+      intact = [s for s in sorted(mngr.all_steps(read=True)) if s != step]
       what = "best checkpoint" if mngr is self.best else "checkpoint"
       raise CheckpointSaveError(
           f"saving {what} {step} to {mngr.directory} failed: {_first_line(e)}; "

@@ -213,15 +213,15 @@ class Run:
     self.preprocessing = model.preprocessing
     self.num_params = models.count_params(model)
     self.model = model
-    self.memory_caps = self.eval_caps = None
-    self._build_steps()
-    self._plan_memory()
-    class_weights = tuple(config.loss.class_weights) or None
-    if class_weights is not None and len(class_weights) != config.model.num_classes:
+    class_weights = tuple(config.loss.class_weights)
+    if class_weights and len(class_weights) != config.model.num_classes:
       raise configs_lib.ConfigError(
           f"loss.class_weights has {len(class_weights)} weights for "
           f"{config.model.num_classes} classes", field="loss.class_weights",
           value=class_weights)
+    self.memory_caps = None  # {(H, W): batch cap} of the memory plan (None: no bucket capped)
+    self._build_steps()
+    self._plan_memory()
     self.ckpt = Checkpointer(self.workdir, keep=config.checkpoint.keep)
     self.log = report.MetricsLog(self.workdir, enabled=self.primary, notice=self.print)
     self.tensorboard = None
@@ -247,8 +247,6 @@ class Run:
       self.graphdef, state = step_lib.init_state(self.model, tx)
       self.state = parallel.replicate(state, self.mesh)
     class_weights = tuple(config.loss.class_weights) or None
-    if class_weights is not None and len(class_weights) != config.model.num_classes:
-      class_weights = None  # reported by __init__
     self.train_step = step_lib.make_train_step(
         self.graphdef, tx, reduction=config.loss.reduction, class_weights=class_weights,
         dice_weight=config.loss.dice_weight,
@@ -272,7 +270,6 @@ class Run:
                                    loader.batch_sizes, num_devices=self.mesh.size,
                                    limit_bytes=limit,
                                    images_of_bucket=memory.bucket_images(loader))
-    self.memory_plan = plan
     for line in plan.log_lines():
       self.print("memory: " + line)
     val = self.val_loader
@@ -289,10 +286,10 @@ class Run:
       self.print("memory (val): " + line)
     if plan.reduced or vplan.reduced:
       self.memory_caps = {tuple(s): b for s, b in zip(plan.bucket_shapes, plan.batch_sizes)}
-      self.eval_caps = {tuple(s): b for s, b in zip(vplan.bucket_shapes, vplan.batch_sizes)}
+      eval_caps = {tuple(s): b for s, b in zip(vplan.bucket_shapes, vplan.batch_sizes)}
       self.train_loader, self.val_loader = build_loaders(
           self.cfg, self.sources.train, self.sources.val, self.mesh.size,
-          max_batch_sizes=self.memory_caps, eval_max_batch_sizes=self.eval_caps)
+          max_batch_sizes=self.memory_caps, eval_max_batch_sizes=eval_caps)
       self._build_steps(state=self.state)
 
   def start_outputs(self) -> None:
@@ -420,9 +417,7 @@ class Run:
       self.bad_in_epoch[(split, i)] += 1
       if i in self.bad[split]:
         continue
-      problem = None
-      if hasattr(source, "problem_of"):
-        problem = source.problem_of(i)
+      problem = source.problem_of(i)  # decoded again here: the worker's record is not ours
       text = str(problem) if problem is not None else (
           f"{source.image_paths[i]}: could not be decoded")
       self.bad[split][i] = text
