@@ -153,12 +153,11 @@ def make_sources(config, *, print_fn=print) -> Sources:
   try:
     return _decode_skips(makers[kind]())
   except DataError as e:
-    hint = "(on_error='skip' would leave these examples out and use the rest)"
-    if hint in str(e):  # the CLIs stop on up-front problems: say what to do instead
-      raise DataError(str(e).replace(hint, (
-          "Nothing was trained: fix or remove these files (or their ids in the split file) "
-          "and run again; problems found only when decoding are skipped and counted")),
-          e.problem, getattr(e, "problems", None)) from None
+    if getattr(e, "summary", None):  # a run stops on up-front problems: say what to do
+      raise DataError(e.summary + (
+          "\nNothing was trained: fix or remove these files (or their ids in the split file) "
+          "and run again; problems found only when decoding are skipped and counted"),
+          e.problem, e.problems) from None
     raise
   except ValueError as e:  # the readers' argument checks (e.g. 3 class names for binary masks)
     raise DataError(f"data: {e}") from e

@@ -103,10 +103,13 @@ class ErrorReport:
     return "\n".join(lines)
 
   def error(self, max_lines: int = 20) -> DataError:
-    """One :class:`DataError` for every problem of this report (message: the summary)."""
-    text = (self.summary(max_lines, skipped=False)
-            + "\n(on_error='skip' would leave these examples out and use the rest)")
-    return DataError(text, problems=self.problems)
+    """One :class:`DataError` for every problem of this report (message: the summary and what
+    the library caller can do; ``.summary``: the summary alone, for callers with other advice)."""
+    summary = self.summary(max_lines, skipped=False)
+    err = DataError(summary + "\n(on_error='skip' would leave these examples out and use the rest)",
+                    problems=self.problems)
+    err.summary = summary
+    return err
 
 
 def check_policy(on_error: str):
