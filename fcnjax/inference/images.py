@@ -86,11 +86,11 @@ def to_rgb(image, name: str = "image") -> np.ndarray:
     a = np.asarray(image)
   except Exception as e:  # noqa: BLE001
     raise ImageReadError(f"{name}: not an image ({_reason(e)})") from None
-  if a.ndim == 3 and a.shape[-1] in (1, 3, 4):
-    a = a[..., :3] if a.shape[-1] != 1 else a[..., 0]
-  if a.ndim not in (2, 3) or 0 in a.shape[:2]:
+  if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 3, 4))) or 0 in a.shape[:2]:
     raise ImageReadError(f"{name}: expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) "
                          f"image, got shape {a.shape}")
+  if a.ndim == 3:
+    a = a[..., :3] if a.shape[-1] != 1 else a[..., 0]
   if a.dtype == np.uint8:
     pass
   elif a.dtype == np.uint16:

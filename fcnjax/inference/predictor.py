@@ -328,6 +328,7 @@ class Predictor:
         isinstance(im, np.ndarray) for im in images):
       sizes = [im.shape[:2] for im in images]
     for i, r in self.predict_records(records, proba=proba, sizes=sizes, chunk=chunk):
+      r.index = i
       yield r
 
   def predict_records(self, records, *, proba: bool = False, sizes=None, chunk: int = 32):
