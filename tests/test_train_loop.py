@@ -46,7 +46,7 @@ def test_run_writes_metrics_curves_predictions_checkpoints_and_config(voc_root, 
   metrics = train(cfg, tmp_path)
   out = capsys.readouterr()
   assert "devices: 1 x cpu" in out.out and "train buckets:" in out.out
-  assert "learnable parameters" in out.out and "eval step 4: mIU" in out.out
+  assert "learnable parameters" in out.out and "eval step 4 (exact, " in out.out
   assert "aeroplane" in out.out and "IoU" in out.out  # the per-class table, with class names
   assert "loss" in out.err and "img/s" in out.err and "bucket" in out.err  # progress bar
   recs = records(tmp_path)

@@ -27,8 +27,10 @@ import ml_collections
 from fcnjax.configs import base
 
 FREE_ON_RESUME = ("data.num_workers", "data.cache", "train.log_every", "output.tensorboard",
-                  "output.compile_cache", "data.on_bad_data", "data.validate")
-"""Fields that do not change what a run computes: a resumed run may change them freely."""
+                  "output.compile_cache", "data.on_bad_data", "data.validate", "eval.protocol",
+                  "eval.final_protocol")
+"""Fields that do not change what a run trains (the evaluation protocols change only how it is
+measured): a resumed run may change them freely."""
 OPEN_SECTIONS = ("data.builtin",)
 """Sections whose fields each experiment defines itself (not checked against the base)."""
 
@@ -43,6 +45,8 @@ CHOICES = {
     "optim.optimizer": ("reference", "sgd", "adamw"),
     "optim.schedule": ("poly", "cosine", "constant"),
     "loss.reduction": ("mean", "sum"),
+    "eval.protocol": ("exact", "bucketed"),
+    "eval.final_protocol": ("exact", "bucketed"),
 }
 
 

@@ -91,6 +91,15 @@ def base_config() -> ml_collections.ConfigDict:
 
   e = c.eval = ml_collections.ConfigDict()
   e.every_epochs = 1                   # evaluate every N epochs (and at the end)
+  # Protocols: "exact" scores every val image at its own size (the reference protocol of Caffe
+  # and pytorch-fcn); "bucketed" zero-pads it to its size bucket first (with the pad-100 FCNs
+  # that padding lies inside every prediction's receptive field, so mean IU moves a little).
+  # The evaluations during training monitor the run and choose the best checkpoint: bucketed
+  # compiles one program per bucket, exact one per distinct image size (41 on the built-in val
+  # set, hundreds on VOC val). The final number is the one reported: it follows the reference.
+  e.protocol = "bucketed"              # evaluations during training: "bucketed" or "exact"
+  e.final_protocol = "exact"           # the last step's evaluation (final_metrics.json), and
+                                       # --eval-only: "exact" or "bucketed"
   e.num_prediction_images = 4          # val images in predictions.png
 
   k = c.checkpoint = ml_collections.ConfigDict()

@@ -10,6 +10,8 @@ Presets (``--config voc_fcn8s:PRESET``; default ``smoke``):
 * ``paper``: the reference recipe: batch 1, SGD momentum 0.99, summed loss, the fixed learning
   rate of the model (FCN-32s 1e-10, 16s 1e-12, 8s 1e-14), weight decay 5e-4, biases at 2x lr, no
   augmentation, 100k iterations; set ``data.sbd_root`` to train on SBD and evaluate on seg11valid.
+  Its final evaluation (and ``--eval-only``) scores every image at its own size, as the reference
+  does (``eval.final_protocol = "exact"``, set explicitly).
 """
 
 from fcnjax.configs import base
@@ -42,6 +44,7 @@ def paper(c):
   c.data.max_buckets = "16"
   c.augment.update(flip=False, scale_range=())
   c.eval.every_epochs = 1
+  c.eval.final_protocol = "exact"      # the reference scores each image at its own size
   c.checkpoint.save_every = 4000
 
 

@@ -28,7 +28,8 @@ FIELDS = {
 OTHER_FLAGS = {"data.batch_size": "batch_size", "data.pixels_per_batch": "pixels_per_batch",
                "data.max_buckets": "max_buckets", "loss.class_weights": "class_weights",
                "loss.dice_weight": "dice_weight", "data.val_fraction": "val_fraction",
-               "data.mask_values": "mask_values"}
+               "data.mask_values": "mask_values", "eval.protocol": "eval_protocol",
+               "eval.final_protocol": "eval_protocol"}
 """Config fields set by flags outside :data:`FIELDS` (flag dest by field)."""
 
 
@@ -63,6 +64,12 @@ def add_training_flags(p: argparse.ArgumentParser, *, models=None) -> None:
   p.add_argument("--grad-accumulation", type=int,
                  help="accumulate gradients over N batches per update (Caffe's iter_size)")
   p.add_argument("--eval-every-epochs", type=int)
+  p.add_argument("--eval-protocol", choices=["exact", "bucketed"],
+                 help="how every evaluation scores the val images: exact (each at its own size, "
+                 "the reference; one compile per image size) or bucketed (padded to its size "
+                 "bucket). Default: bucketed during training, exact for the final evaluation "
+                 "and --eval-only (--config.eval.protocol / --config.eval.final_protocol set "
+                 "one of the two)")
   p.add_argument("--save-every", type=int, help="checkpoint every N steps")
   p.add_argument("--num-workers", type=int, help="grain worker processes for decoding")
   p.add_argument("--seed", type=int)
@@ -115,6 +122,8 @@ def apply_training_flags(config, args) -> None:
     config.data.pixels_per_batch = args.pixels_per_batch
   if args.max_buckets is not None:
     config.data.max_buckets = args.max_buckets
+  if args.eval_protocol is not None:
+    config.eval.protocol = config.eval.final_protocol = args.eval_protocol
   if args.epochs is not None and args.steps is None:
     config.train.steps = None
 

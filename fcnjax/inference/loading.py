@@ -99,27 +99,17 @@ def _numbered(d: pathlib.Path) -> list:
       if d.is_dir() else []
 
 
-def _run_preprocessing(meta: dict, config, workdir) -> preprocessing_lib.Preprocessing:
-  """The input convention the run trained with: stored in the meta, else that of its
-  ``model.init`` file (what the run used), else the models' default (Caffe)."""
+def _run_preprocessing(meta: dict, workdir) -> preprocessing_lib.Preprocessing:
+  """The input convention the run trained with: stored in the meta; checkpoints that do not
+  store it come from runs whose loaders always used Caffe's."""
   from fcnjax.weights.loading import resolve_preprocessing
-  if meta.get("preprocessing"):
-    try:
-      return resolve_preprocessing(meta["preprocessing"])
-    except ValueError:
-      raise ModelLoadError(f"{workdir}: unknown preprocessing {meta['preprocessing']!r} in the "
-                           "checkpoint's meta") from None
-  if config.model.init:
-    from fcnjax.weights import layouts
-    from fcnjax.weights.loading import _source, default_preprocessing
-    try:
-      tensors, metadata, path = _source(config.model.init)
-    except ValueError:
-      raise ModelLoadError(
-          f"{workdir}: the run was initialised from {config.model.init}, which cannot be read "
-          "now, and the checkpoint does not store the input convention") from None
-    return default_preprocessing(layouts.infer_layout(tensors, metadata), metadata, path)
-  return preprocessing_lib.CAFFE
+  if not meta.get("preprocessing"):
+    return preprocessing_lib.CAFFE
+  try:
+    return resolve_preprocessing(meta["preprocessing"])
+  except ValueError:
+    raise ModelLoadError(f"{workdir}: unknown preprocessing {meta['preprocessing']!r} in the "
+                         "checkpoint's meta") from None
 
 
 def load_workdir(workdir, step: int | None = None) -> LoadedModel:
@@ -164,7 +154,7 @@ def load_workdir(workdir, step: int | None = None) -> LoadedModel:
     ckpt.close()
   model = nnx.merge(graphdef, state.params, state.rest)
   model.eval()
-  model.preprocessing = _run_preprocessing(meta, config, workdir)
+  model.preprocessing = _run_preprocessing(meta, workdir)
   where = f"{workdir}"
   names = _class_names(meta.get("class_names"), int(model.num_classes), where)
   palette = _palette(meta.get("palette"), where)

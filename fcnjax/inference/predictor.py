@@ -13,7 +13,9 @@ How an image is run (every result has exactly the input's height and width):
   pads with (zeros after preprocessing), but it is context the model sees: with the pad-100 FCN
   it changes predictions near the bottom/right edge a little.
 * **exact** (``exact=True``): every image alone at its own size (the reference protocol; one
-  program per distinct size, cached by JAX's persistent compilation cache when it is on).
+  program per distinct size, cached by JAX's persistent compilation cache when it is on). An
+  aligned model zero-pads its input to a multiple of 32 itself, so for it sizes are rounded up
+  to that multiple: the model gets the very same input, in fewer programs.
 * **tiled** (``tile=(h, w)``, and automatically for images above ``max_pixels``): sliding windows
   whose logits are averaged (:mod:`fcnjax.inference.tiling`). Edge tiles smaller than ``tile``
   are padded to it (one program), or with ``exact=True`` run at their own size (then the tiled
@@ -279,8 +281,8 @@ class Predictor:
 
   def _shape_for(self, hw: tuple) -> tuple:
     """The program shape a whole (untiled) view of size ``hw`` runs at."""
-    if self.exact:
-      return hw
+    if self.exact:  # the aligned model zero-pads to its multiple itself: same input, fewer shapes
+      return _round_up(hw, self.backend.input_multiple)
     fits = [s for s in self.bucket_shapes if s[0] >= hw[0] and s[1] >= hw[1]]
     if fits:
       return min(fits, key=lambda s: (s[0] * s[1], s))
@@ -392,7 +394,7 @@ class Predictor:
           part = v[t.rows[0]:t.rows[1], t.cols[0]:t.cols[1]]
           # exact: edge tiles at their own size (tiled == whole, see tiling); else padded to
           # the full tile, so a folder of any sizes runs one tile program
-          shape = t.shape if self.exact else tile
+          shape = _round_up(t.shape, self.backend.input_multiple) if self.exact else tile
           jobs[("tile", shape)].append(_Job(i, j, part, t))
     want_classes = single and not proba and not stitchers
     outputs = {}
@@ -428,6 +430,10 @@ class Predictor:
       probs /= len(item_views)
       results.append(Prediction(i, probs.argmax(-1).astype(np.int32), probs if proba else None))
     return results
+
+
+def _round_up(hw: tuple, multiple: int) -> tuple:
+  return tuple(-(-int(v) // multiple) * multiple for v in hw)
 
 
 def _describe_source(weights) -> str:

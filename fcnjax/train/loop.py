@@ -7,7 +7,19 @@ unchanged on one device, N local devices and many processes (after
 :func:`fcnjax.train.parallel.initialize_distributed`).
 
 Every checkpoint stores the *resolved* config (``model.num_classes`` and the reference learning
-rate filled in): a resumed run is checked against it field by field (:func:`check_resume`).
+rate filled in): a resumed run is checked against it field by field (:func:`check_resume`), and
+the class names and palette of the data (so a workdir alone can name and colour predictions).
+
+Evaluation protocols (``config.eval``): ``"exact"`` scores every val image at its own size (the
+reference protocol of Caffe and pytorch-fcn; an aligned model still pads its input to a multiple
+of 32 inside the model), ``"bucketed"`` zero-pads each image (after preprocessing) to its size
+bucket, which with the exact pad-100 FCNs lies inside every prediction's receptive field.
+``eval.protocol`` (default bucketed) is used by the evaluations during training: they monitor the
+run and choose the best checkpoint, and bucketed compiles one program per bucket where exact
+compiles one per distinct image size (41 on the built-in val set, hundreds on VOC val).
+``eval.final_protocol`` (default exact) is used by the evaluation at the last step, whose numbers
+go to ``final_metrics.json``, and by ``--eval-only``: the final number is the one reported, so it
+follows the reference protocol.
 """
 
 from __future__ import annotations
@@ -27,8 +39,10 @@ import numpy as np
 
 from fcnjax import configs as configs_lib
 from fcnjax import models
+from fcnjax import preprocessing as preprocessing_lib
 from fcnjax.configs import base as base_config
 from fcnjax.data import augment as augment_lib
+from fcnjax.data import buckets as buckets_lib
 from fcnjax.data import datasets, pipeline
 from fcnjax.data.palette import VOC_PALETTE
 from fcnjax.data.validation import DataError
@@ -43,6 +57,11 @@ WARMUP_FRACTION_MAX = 0.2
 """A short run (tests, ``train.steps``) keeps its warm-up under this fraction of its steps."""
 ALIGNED_GRANULARITY = 32
 """The aligned model pads its input to a multiple of 32: buckets are planned on that grid."""
+PROTOCOLS = ("exact", "bucketed")
+"""Evaluation protocols: each val image at its own size, or padded to its size bucket."""
+MAX_TRACED_VAL_BUCKETS = 8
+"""A val loader with more buckets (exact: one per image size) is memory-checked on this many
+covering buckets instead of one trace per bucket (:meth:`Run._plan_many_buckets`)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -126,15 +145,26 @@ def _max_buckets(config):
   return mb if mb == "auto" else int(mb)
 
 
+def eval_protocols(config) -> tuple:
+  """The evaluation protocols a training run of ``config`` uses, each once: that of the
+  evaluations during training, then that of the final one."""
+  return tuple(dict.fromkeys((config.eval.protocol, config.eval.final_protocol)))
+
+
 def build_loaders(config, train_source, val_source, num_devices: int, *, start_epoch: int = 0,
-                  done_steps: int = 0, max_batch_sizes=None, eval_max_batch_sizes=None):
-  """(train loader, val loader). ``start_epoch``: the train loader starts at that epoch, for a
-  run that already did ``done_steps`` steps (``--restart-epoch``). ``max_batch_sizes`` /
-  ``eval_max_batch_sizes``: ``{(H, W): cap}`` from the memory plan (:mod:`fcnjax.train.memory`)."""
+                  done_steps: int = 0, max_batch_sizes=None, eval_max_batch_sizes=None,
+                  protocols=("bucketed",), preprocessing=preprocessing_lib.CAFFE):
+  """(train loader, ``{protocol: val loader}``), one val loader per protocol of ``protocols``
+  (:data:`PROTOCOLS`; ``()``: none). ``start_epoch``: the train loader starts at that epoch, for
+  a run that already did ``done_steps`` steps (``--restart-epoch``). ``max_batch_sizes``:
+  ``{(H, W): cap}`` from the memory plan (:mod:`fcnjax.train.memory`); ``eval_max_batch_sizes``:
+  ``{protocol: {(H, W): cap}}`` likewise for the val loaders. ``preprocessing``: the model's
+  input convention (``model.preprocessing``: that of its ``model.init`` weights)."""
   d, a = config.data, config.augment
   granularity = max(d.granularity, ALIGNED_GRANULARITY if config.model.aligned else 1)
   dist = dict(num_devices=num_devices, process_index=jax.process_index(),
-              process_count=jax.process_count(), granularity=granularity)
+              process_count=jax.process_count(), granularity=granularity,
+              preprocessing=preprocessing)
   aug = augment_lib.Augment(flip=a.flip, scale_range=tuple(a.scale_range) or None,
                             color_jitter=a.color_jitter)
   batching = (dict(batch_size=None, pixels_per_batch=d.pixels_per_batch)
@@ -155,9 +185,43 @@ def build_loaders(config, train_source, val_source, num_devices: int, *, start_e
   eval_batching = dict(batching)
   if d.eval_batch_size:
     eval_batching = dict(batch_size=d.eval_batch_size, pixels_per_batch=None)
-  val = pipeline.make_eval_loader(val_source, max_buckets=_max_buckets(config), **eval_batching,
-                                  max_batch_sizes=eval_max_batch_sizes, **dist)
-  return train, val
+  caps = eval_max_batch_sizes or {}
+  vals = {}
+  for protocol in protocols:
+    if protocol == "exact":
+      vals[protocol] = exact_eval_loader(
+          val_source, eval_batching, dist, max_batch_sizes=caps.get(protocol),
+          multiple=ALIGNED_GRANULARITY if config.model.aligned else 1)
+    elif protocol == "bucketed":
+      vals[protocol] = pipeline.make_eval_loader(val_source, max_buckets=_max_buckets(config),
+                                                 **eval_batching,
+                                                 max_batch_sizes=caps.get(protocol), **dist)
+    else:
+      raise ValueError(f"unknown evaluation protocol {protocol!r}; protocols: {PROTOCOLS}")
+  return train, vals
+
+
+def exact_eval_loader(val_source, batching: dict, dist: dict, *, max_batch_sizes=None,
+                      multiple: int = 1):
+  """The val loader of the exact protocol: one bucket per distinct (h, w) of
+  ``val_source.sizes``, so no image is padded. ``multiple`` > 1 (the aligned model, which pads
+  its input with zeros to a multiple of 32 itself): sizes are rounded up to it, which gives the
+  model the very input it would build from the image alone, in fewer programs. Each bucket's
+  batch (``batching``: ``batch_size`` or ``pixels_per_batch``) is capped to its number of images
+  rounded up to a multiple of the device count (``dist["num_devices"]``; a size seen once runs no extra dummy rows), and by
+  ``max_batch_sizes`` (``{(H, W): cap}``, a memory plan's) where given. ``dist``: the
+  distribution arguments of :func:`~fcnjax.data.pipeline.make_loader`."""
+  nd = int(dist["num_devices"])
+  sizes = np.asarray(val_source.sizes, np.int64).reshape(-1, 2)
+  sizes = -(-sizes // multiple) * multiple
+  shapes, counts = np.unique(sizes, axis=0, return_counts=True)
+  memory_caps = {tuple(int(v) for v in k): int(c) for k, c in (max_batch_sizes or {}).items()}
+  caps = {}
+  for (h, w), n in zip(shapes.tolist(), counts.tolist()):
+    cap = -(-int(n) // nd) * nd
+    caps[(h, w)] = min(cap, memory_caps.get((h, w), cap))
+  return pipeline.make_eval_loader(val_source, bucket_shapes=[tuple(s) for s in shapes.tolist()],
+                                   max_batch_sizes=caps, **batching, **dist)
 
 
 def check_resume(saved: dict, config, allow=()) -> list:
@@ -189,10 +253,26 @@ def per_class_table(metrics: dict) -> str:
   return "\n".join(lines)
 
 
-class Run:
-  """State and outputs of one run (kept small: the loop itself is :func:`train`)."""
+def val_loader_report(protocol: str, loader) -> str:
+  """The ``describe`` lines of one val loader: the bucket plan (bucketed), or one line (exact:
+  one bucket per image size, which would be hundreds of lines)."""
+  if protocol != "exact":
+    return "val buckets: " + loader.report().replace("\n", "\n  ")
+  bs = loader.batch_sizes
+  return (f"val (exact): every image at its own size, {len(loader.bucket_shapes)} programs (one "
+          f"per distinct size; the aligned model's sizes rounded up to the 32 it pads to "
+          f"itself); batch {min(bs)}-{max(bs)}, {len(loader)} batches")
 
-  def __init__(self, config, sources: datasets.Sources, workdir, *, print_fn=print):
+
+class Run:
+  """State and outputs of one run (kept small: the loop itself is :func:`train`).
+
+  ``protocols``: the evaluation protocols the run will use (default :func:`eval_protocols`); one
+  val loader each, in ``val_loaders`` (``{protocol: Loader}``).
+  """
+
+  def __init__(self, config, sources: datasets.Sources, workdir, *, print_fn=print,
+               protocols=None):
     self.cfg = config
     self.workdir = pathlib.Path(workdir)
     self.primary = jax.process_index() == 0
@@ -201,8 +281,7 @@ class Run:
     self.sources = sources
     self.val_source = sources.val
     self.data_offset = 0  # global step at which the train loader's batch 0 is (--restart-epoch)
-    self.train_loader, self.val_loader = build_loaders(config, sources.train, sources.val,
-                                                       self.mesh.size)
+    self.protocols = tuple(protocols or eval_protocols(config))
     model = build_model(config)
     if config.model.init:
       from fcnjax import weights
@@ -211,6 +290,9 @@ class Run:
                                  allow_geometry_change=config.model.allow_geometry_change)
       self.print(f"init: {config.model.init}: {loaded}")
     self.preprocessing = model.preprocessing
+    self.train_loader, self.val_loaders = build_loaders(config, sources.train, sources.val,
+                                                        self.mesh.size, protocols=self.protocols,
+                                                        preprocessing=self.preprocessing)
     self.num_params = models.count_params(model)
     self.model = model
     class_weights = tuple(config.loss.class_weights)
@@ -259,7 +341,8 @@ class Run:
     """Fit every bucket's step into the device's memory before training (see
     :mod:`fcnjax.train.memory`): lower a bucket's batch where needed, or raise
     :class:`~fcnjax.train.memory.StepMemoryError` naming an image that does not fit alone.
-    Evaluation batches are capped with the train step's figures (an upper bound for them)."""
+    Evaluation batches (every val loader's, :meth:`_plan_val`) are capped with the train step's
+    figures (an upper bound for them)."""
     limit = memory.device_memory_bytes()
     if limit is None:
       self.print(f"memory: this device's memory is unknown, batches not planned (set "
@@ -272,25 +355,69 @@ class Run:
                                    images_of_bucket=memory.bucket_images(loader))
     for line in plan.log_lines():
       self.print("memory: " + line)
-    val = self.val_loader
-    if plan.model is not None:
-      vplan = memory.plan_from_model(plan.model, val.bucket_shapes, val.batch_sizes,
-                                     num_devices=self.mesh.size, limit_bytes=limit,
-                                     images_of_bucket=memory.bucket_images(val))
-    else:
-      vplan = memory.plan_batch_sizes(self.train_step, self.state, val.bucket_shapes,
-                                      val.batch_sizes, num_devices=self.mesh.size,
-                                      limit_bytes=limit,
-                                      images_of_bucket=memory.bucket_images(val))
-    for line in vplan.log_lines():
-      self.print("memory (val): " + line)
-    if plan.reduced or vplan.reduced:
+    eval_caps = {}  # protocol -> {(H, W): cap}, for the val loaders with a reduced bucket
+    for protocol, val in self.val_loaders.items():
+      vplan = self._plan_val(val, plan, limit)
+      for line in vplan.log_lines():
+        self.print(f"memory (val, {protocol}): " + line)
+      if vplan.reduced:
+        eval_caps[protocol] = {tuple(s): b for s, b in zip(vplan.bucket_shapes,
+                                                           vplan.batch_sizes)}
+    if plan.reduced or eval_caps:
       self.memory_caps = {tuple(s): b for s, b in zip(plan.bucket_shapes, plan.batch_sizes)}
-      eval_caps = {tuple(s): b for s, b in zip(vplan.bucket_shapes, vplan.batch_sizes)}
-      self.train_loader, self.val_loader = build_loaders(
+      self.train_loader, self.val_loaders = build_loaders(
           self.cfg, self.sources.train, self.sources.val, self.mesh.size,
-          max_batch_sizes=self.memory_caps, eval_max_batch_sizes=eval_caps)
+          max_batch_sizes=self.memory_caps, eval_max_batch_sizes=eval_caps,
+          protocols=self.protocols, preprocessing=self.preprocessing)
       self._build_steps(state=self.state)
+
+  def _plan_val(self, loader, plan: memory.MemoryPlan, limit: int) -> memory.MemoryPlan:
+    """The memory plan of one val loader's batches, from the train ``plan``'s memory model when
+    it has one (no compile); else the quick check of :func:`memory.plan_batch_sizes` (a trace
+    per bucket), or for a loader with more than :data:`MAX_TRACED_VAL_BUCKETS` buckets (the
+    exact protocol: one per image size) :meth:`_plan_many_buckets`."""
+    kw = dict(num_devices=self.mesh.size, limit_bytes=limit,
+              images_of_bucket=memory.bucket_images(loader))
+    if plan.model is not None:
+      return memory.plan_from_model(plan.model, loader.bucket_shapes, loader.batch_sizes, **kw)
+    if len(loader.bucket_shapes) > MAX_TRACED_VAL_BUCKETS:
+      return self._plan_many_buckets(loader, limit)
+    return memory.plan_batch_sizes(self.train_step, self.state, loader.bucket_shapes,
+                                   loader.batch_sizes, **kw)
+
+  def _plan_many_buckets(self, loader, limit: int) -> memory.MemoryPlan:
+    """A memory plan for a loader with many buckets at the cost of a few traces.
+
+    The loader's bucket shapes are covered by :data:`MAX_TRACED_VAL_BUCKETS` larger shapes
+    (:func:`~fcnjax.data.buckets.plan_buckets`), each checked with the train step's bound
+    (:func:`memory.step_memory_bound`) at the largest batch among the buckets it covers: memory
+    grows with the batch and with both sides, so a covering shape under the budget vouches for
+    all its buckets (plan ``method="bound"``, nothing reduced). If one is over, a memory model
+    calibrated on the loader's own buckets (2-3 compiles) caps them (no verification compile).
+    """
+    nd = self.mesh.size
+    shapes = [(int(h), int(w)) for h, w in loader.bucket_shapes]
+    requested = [int(b) for b in loader.batch_sizes]
+    budget = int(memory.DEFAULT_HEADROOM * limit)
+    cover = buckets_lib.plan_buckets(np.asarray(shapes), MAX_TRACED_VAL_BUCKETS).shapes
+    which = buckets_lib.assign_buckets(np.asarray(shapes), cover)
+    batch = {int(k): max(b for b, j in zip(requested, which) if j == k) for k in set(which)}
+    bounds = {}
+    for k in sorted(batch, key=lambda k: -batch[k] * int(cover[k].prod())):
+      bounds[k] = memory.step_memory_bound(self.train_step, self.state,
+                                           (batch[k], *(int(v) for v in cover[k])),
+                                           num_devices=nd)["peak"]
+      if bounds[k] > budget:
+        break
+    else:
+      est = [int(bounds[int(k)]) for k in which]
+      return memory.MemoryPlan(shapes, requested, list(requested), est, list(est),
+                               [False] * len(shapes), [], int(limit), memory.DEFAULT_HEADROOM,
+                               nd, None, method="bound")
+    model = memory.calibrate(self.train_step, self.state, shapes, num_devices=nd,
+                             batch_sizes=requested, budget_bytes=budget)
+    return memory.plan_from_model(model, shapes, requested, num_devices=nd, limit_bytes=limit,
+                                  images_of_bucket=memory.bucket_images(loader))
 
   def start_outputs(self) -> None:
     """Write config.json and open TensorBoard (only once the run is known to go ahead)."""
@@ -355,7 +482,8 @@ class Run:
     self.data_offset = offset
     self.train_loader, _ = build_loaders(self.cfg, self.sources.train, self.sources.val,
                                          self.mesh.size, start_epoch=start_epoch,
-                                         done_steps=offset, max_batch_sizes=self.memory_caps)
+                                         done_steps=offset, max_batch_sizes=self.memory_caps,
+                                         protocols=(), preprocessing=self.preprocessing)
     self._build_steps(state=self.state)
 
   def epoch_of(self, step: int) -> tuple:
@@ -376,7 +504,8 @@ class Run:
                f"{len(self.val_source)} images ({self.val_source.name})")
     self.print(f"classes: {c.model.num_classes} ({', '.join(self.class_names)})")
     self.print("train buckets: " + self.train_loader.report().replace("\n", "\n  "))
-    self.print("val buckets: " + self.val_loader.report().replace("\n", "\n  "))
+    for protocol, loader in self.val_loaders.items():
+      self.print(val_loader_report(protocol, loader))
     for line in memory.dummy_row_warnings(self.train_loader):
       line = line.split(" Fix: ")[0]
       self.print(f"warning: {line} Fix: --max-buckets (fewer or other buckets, so these images "
@@ -387,7 +516,9 @@ class Run:
 
   def meta(self, step: int, it, **extra) -> dict:
     """What a checkpoint at ``step`` stores besides the state: model, config, data position,
-    the epoch of the last trained step (0-based) and whether that step ended it."""
+    the epoch of the last trained step (0-based) and whether that step ended it, the class
+    names (list of ``num_classes`` str), the palette ((256, 3) uint8 as nested lists) and the
+    input convention's name (``preprocessing``)."""
     if step <= self.data_offset:
       epoch, done = self.train_loader.start_epoch, False
     else:
@@ -397,7 +528,8 @@ class Run:
     return {"model": model_description(self.cfg), "config": configs_lib.to_dict(self.cfg),
             "step": step, "data": self.data_state(step, it), "data_offset": self.data_offset,
             "epoch": int(epoch), "epoch_done": bool(done), "total_steps": self.total_steps,
-            **extra}
+            "class_names": list(self.class_names), "palette": self.palette.tolist(),
+            "preprocessing": self.preprocessing.name, **extra}
 
   def colorize(self, label):
     return self.palette[np.asarray(label, np.uint8)]
@@ -476,11 +608,23 @@ class Run:
                       "--resume", stop.signal)
 
   # -- evaluation -----------------------------------------------------------------------------
-  def evaluate(self, step: int, stop: StopRequests | None = None, it=None) -> dict:
+  def protocol_at(self, step: int) -> str:
+    """The protocol of an evaluation at ``step``: ``eval.final_protocol`` at the last step (or
+    beyond), ``eval.protocol`` before."""
+    e = self.cfg.eval
+    return e.final_protocol if step >= self.total_steps else e.protocol
+
+  def evaluate(self, step: int, stop: StopRequests | None = None, it=None, *,
+               protocol: str) -> dict:
+    """Evaluate the state on the val set with ``protocol`` (one of ``self.protocols``): print
+    the metrics and per-class table, log an ``eval`` record; returns the metrics of
+    :func:`~fcnjax.train.metrics.segmentation_metrics` plus ``"protocol"`` (and ``skipped`` /
+    ``skipped_ids`` when val files were bad)."""
     start = time.perf_counter()
     c = self.cfg.model.num_classes
     hist = parallel.replicate(jnp.zeros((c, c), jnp.int32), self.mesh)
-    val_it = iter(self.val_loader)
+    loader = self.val_loaders[protocol]
+    val_it = iter(loader)
     try:
       for batch in val_it:
         if stop is not None and stop.requested:
@@ -490,10 +634,13 @@ class Run:
         hist = self.eval_step(self.state.params, self.state.rest, hist, gb)
     finally:
       val_it.close()
-    metrics = segmentation_metrics(np.asarray(jax.device_get(hist)), self.class_names)
+    metrics = {"protocol": protocol,
+               **segmentation_metrics(np.asarray(jax.device_get(hist)), self.class_names)}
     seconds = time.perf_counter() - start
-    self.print(f"eval step {step}: {format_metrics(metrics)} ({len(self.val_source)} images, "
-               f"{seconds:.1f} s)\n{per_class_table(metrics)}")
+    n = len(loader.bucket_shapes)
+    self.print(f"eval step {step} ({protocol}, {n} program{'s' if n != 1 else ''}): "
+               f"{format_metrics(metrics)} ({len(self.val_source)} images, {seconds:.1f} s)\n"
+               f"{per_class_table(metrics)}")
     metrics.update(self.bad_summary("val", step, None))  # skipped, skipped_ids (if any)
     self.log.write({"kind": "eval", "step": step, "seconds": seconds, **metrics})
     if self.tensorboard is not None:
@@ -644,7 +791,8 @@ def _train(config, workdir, latest, saved, stop, *, resume, eval_only, allow_cha
     if changed:
       print_fn("config changes on resume: " + "; ".join(f"{k}: {a!r} -> {b!r}"
                                                         for k, a, b in changed))
-  run = Run(config, sources, workdir, print_fn=print_fn)
+  protocols = (config.eval.final_protocol,) if eval_only else None
+  run = Run(config, sources, workdir, print_fn=print_fn, protocols=protocols)
   it = None
   try:
     step, meta = 0, {}
@@ -672,7 +820,7 @@ def _train(config, workdir, latest, saved, stop, *, resume, eval_only, allow_cha
     if latest is not None:
       run.log.truncate_after(step)
     if eval_only:
-      return run.evaluate(step, stop)
+      return run.evaluate(step, stop, protocol=config.eval.final_protocol)
     if it is None:
       it = iter(run.train_loader)
     return _loop(run, it, step, pending, stop)
@@ -700,7 +848,7 @@ def _loop(run: Run, it, step: int, pending: bool, stop: StopRequests) -> dict:
     if pending:
       run.print(f"checkpoint {step} was saved before an evaluation that did not finish: "
                 "evaluating it now")
-      metrics = run.evaluate(step, stop, it)
+      metrics = run.evaluate(step, stop, it, protocol=run.protocol_at(step))
       run.save_best(step, it, metrics)
     while step < run.total_steps:
       if stop.requested:
@@ -746,7 +894,7 @@ def _loop(run: Run, it, step: int, pending: bool, stop: StopRequests) -> dict:
                                   or step == run.total_steps)
       if do_eval:  # save first: an evaluation that fails or is interrupted loses nothing
         run.save(step, it, eval_pending=True)
-        metrics = run.evaluate(step, stop, it)
+        metrics = run.evaluate(step, stop, it, protocol=run.protocol_at(step))
         run.save_best(step, it, metrics)
       elif step % config.checkpoint.save_every == 0 or step == run.total_steps:
         run.save(step, it)
