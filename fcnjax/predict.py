@@ -198,10 +198,7 @@ def main(argv=None) -> int:
   from fcnjax.inference import loading, outputs
   from fcnjax.inference.predictor import AUTO_TILE_PIXELS, DEFAULT_BATCH_PIXELS, Predictor
   from fcnjax.weights import WeightsError
-  try:
-    from fcnjax.inference.export import ExportError
-  except ImportError:  # pragma: no cover - export module missing
-    ExportError = ValueError  # noqa: N806
+  from fcnjax.inference.export import ExportError
   start = time.perf_counter()
   try:
     predictor = Predictor(args.weights, step=args.step, exact=args.exact,

@@ -147,3 +147,20 @@ def test_predict_from_a_training_workdir(tmp_path, capsys):
   assert rc == 1 and "no checkpoint 7 (best: [2]; checkpoints: [2])" in err
   meta = json.loads((workdir / "final_metrics.json").read_text())
   assert "mean_iu" in meta
+
+
+def test_predict_from_an_exported_artifact_equals_the_weights(model_file, folder, tmp_path,
+                                                              capsys):
+  from fcnjax import export
+  art = tmp_path / "tiny.fcnjax-export"
+  assert export.main([str(model_file), str(art), "--platforms", "cpu"]) == 0
+  capsys.readouterr()
+  rc, out, err = run([art, folder / "a.jpg", folder / "grey.png", "--out", tmp_path / "o",
+                      "--exact"], capsys)
+  assert rc == 0, err
+  assert "(exported" in out and "predicted 2 images" in out
+  p = Predictor(model_file)
+  for name in ("a", "grey"):
+    got = np.asarray(Image.open(tmp_path / "o" / f"{name}.png"))
+    ref = p.predict(folder / (name + (".jpg" if name == "a" else ".png")))
+    assert np.mean(got == ref) > 0.999  # float rounding may flip a near-tie pixel

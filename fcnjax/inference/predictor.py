@@ -208,11 +208,8 @@ class Predictor:
   def _init_backend(self, weights, step):
     from fcnjax.data.palette import VOC_PALETTE
     if isinstance(weights, (str, bytes)) or hasattr(weights, "__fspath__"):
-      try:  # TEMP until export lands
-        from fcnjax.inference import export as export_lib
-      except ImportError:
-        export_lib = None
-      if export_lib is not None and export_lib.is_exported(weights):
+      from fcnjax.inference import export as export_lib
+      if export_lib.is_exported(weights):
         if step is not None:
           raise ValueError("step only applies to a training workdir")
         exported = export_lib.load_exported(weights)

@@ -133,7 +133,9 @@ class FCN(nnx.Module):
     h, w = x.shape[1], x.shape[2]
     m = self.backbone.input_multiple
     if m > 1:  # aligned variant: pad bottom/right to a multiple of the total stride
-      x = jnp.pad(x, ((0, 0), (0, -h % m), (0, -w % m), (0, 0)))
+      # m * ceil(h / m) - h (= -h % m), in a form that stays simple for symbolic h (jax.export)
+      x = jnp.pad(x, ((0, 0), (0, m * ((h + m - 1) // m) - h), (0, m * ((w + m - 1) // m) - w),
+                      (0, 0)))
       out["pad"] = x
     if return_intermediates:
       feats, backbone_out = self.backbone(x, return_intermediates=True)

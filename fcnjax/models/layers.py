@@ -30,6 +30,17 @@ def _check_rounding(rounding: str) -> None:
     raise ValueError(f"rounding must be 'ceil' or 'floor', got {rounding!r}")
 
 
+def _ceil_pad(d) -> int:
+  """Bottom/right padding of ceil-mode 2×2/2 pooling along a dim of size ``d``: ``d % 2``.
+
+  A symbolic ``d`` (``jax.export`` shape polymorphism) gets 1 instead: the same output size
+  ``ceil(d / 2)`` and values (for even ``d`` the padded row is in no window), and a size that
+  stays ``floordiv(d - 1, 2) + 1`` rather than nesting ``mod`` terms that shape checks
+  downstream cannot decide.
+  """
+  return 1 if jax.export.is_symbolic_dim(d) else d % 2
+
+
 def max_pool_2x2(x: jax.Array, rounding: str = "ceil") -> jax.Array:
   """2×2 max-pool, stride 2, on NHWC ``x``, as a plain ``lax.reduce_window`` (``ops="lax"``).
 
@@ -40,7 +51,7 @@ def max_pool_2x2(x: jax.Array, rounding: str = "ceil") -> jax.Array:
   """
   _check_rounding(rounding)
   h, w = x.shape[1], x.shape[2]
-  pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0)) if rounding == "ceil" else "VALID"
+  pad = ((0, 0), (0, _ceil_pad(h)), (0, _ceil_pad(w)), (0, 0)) if rounding == "ceil" else "VALID"
   return jax.lax.reduce_window(x, np.array(-np.inf, x.dtype), jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), pad)
 
 

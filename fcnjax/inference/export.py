@@ -1,0 +1,441 @@
+"""A loaded model -> a serialized, shape-polymorphic ``jax.export`` artifact, and back.
+
+:func:`export_model` writes two files:
+
+* ``OUT``: the bytes of ``jax.export.export(jax.jit(fn), platforms=...)(spec).serialize()``,
+  ``fn`` mapping **uint8 RGB images (N, H, W, 3)** to **float32 logits (N, H, W, C)** for any
+  N, H, W >= 1 (symbolic ``n, h, w``). The weights' preprocessing (Caffe BGR minus mean, or
+  torchvision RGB / 255 mean/std) runs inside ``fn``; the parameters are baked in as constants.
+  The model is the ``ops="lax"`` form of the loaded one (XLA's native ops, no custom VJPs).
+  By default it is lowered for ``("cpu", "cuda")``, so the file runs on either; where lowering
+  for CUDA fails, for the current backend only (the JSON says which).
+* ``OUT.json``: what a consumer needs beside it: class names, palette, the input convention,
+  the model's translation period and input multiple, versions (:func:`export_model`'s doc).
+
+Reading an artifact needs nothing but jax and numpy::
+
+    exp = jax.export.deserialize(open(OUT, "rb").read())
+    logits = exp.call(images_uint8)            # (N, H, W, 3) uint8 -> (N, H, W, C) float32
+
+or, with the metadata, :func:`load_exported` -> :class:`ExportedModel`. Problems raise
+:class:`ExportError` (a ``ValueError``) whose message starts with the path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fcnjax import preprocessing as preprocessing_lib
+
+FORMAT = "fcnjax-export"
+FORMAT_VERSION = 1
+DEFAULT_PLATFORMS = ("cpu", "cuda")
+KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+SHAPE_CONSTRAINTS = ("h >= 1", "w >= 1")
+#: Input sizes (N, H, W) at which :func:`export_model` checks the artifact against the model.
+CHECK_SIZES = ((1, 64, 64), (2, 37, 53))
+#: Largest difference between the jnp and numpy preprocessing that :func:`export_model` accepts.
+PREPROCESSING_ATOL = 1e-6
+
+
+class ExportError(ValueError):
+  """An artifact cannot be written or read (the message starts with the path)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing in jnp
+
+
+def caffe_preprocess_jnp(rgb_uint8: jax.Array) -> jax.Array:
+  """jnp :func:`fcnjax.preprocessing.caffe_preprocess`: RGB uint8 (..., 3) -> float32 BGR - mean."""
+  x = rgb_uint8.astype(jnp.float32)[..., ::-1]
+  return x - jnp.asarray(preprocessing_lib.CAFFE_MEAN_BGR)
+
+
+def torchvision_preprocess_jnp(rgb_uint8: jax.Array) -> jax.Array:
+  """jnp :func:`fcnjax.preprocessing.torchvision_preprocess`: RGB uint8 (..., 3) -> float32
+  ``(x / 255 - IMAGENET_MEAN_RGB) / IMAGENET_STD_RGB``."""
+  x = rgb_uint8.astype(jnp.float32) / jnp.float32(255.0)
+  return ((x - jnp.asarray(preprocessing_lib.IMAGENET_MEAN_RGB))
+          / jnp.asarray(preprocessing_lib.IMAGENET_STD_RGB))
+
+
+def _as_list(a) -> list:
+  return [float(v) for v in np.asarray(a, np.float64)]
+
+
+#: preprocessing name -> (jnp function, its description in the JSON)
+_JNP_PREPROCESSING = {
+    preprocessing_lib.CAFFE.name: (caffe_preprocess_jnp, {
+        "channel_order": "BGR", "scale": 1.0,
+        "mean": _as_list(preprocessing_lib.CAFFE_MEAN_BGR), "std": [1.0, 1.0, 1.0],
+        "formula": "float32(rgb)[..., ::-1] - mean (mean in BGR order)"}),
+    preprocessing_lib.TORCHVISION.name: (torchvision_preprocess_jnp, {
+        "channel_order": "RGB", "scale": 1.0 / 255.0,
+        "mean": _as_list(preprocessing_lib.IMAGENET_MEAN_RGB),
+        "std": _as_list(preprocessing_lib.IMAGENET_STD_RGB),
+        "formula": "(float32(rgb) / 255 - mean) / std (RGB order)"}),
+}
+
+
+def jnp_preprocessing(pre: preprocessing_lib.Preprocessing):
+  """The jnp function of a named convention; ``ValueError`` for an unknown one."""
+  if pre.name not in _JNP_PREPROCESSING:
+    raise ValueError(f"no jnp form of the preprocessing {pre.name!r} (known: "
+                     f"{', '.join(_JNP_PREPROCESSING)})")
+  return _JNP_PREPROCESSING[pre.name][0]
+
+
+def preprocessing_mismatch(pre: preprocessing_lib.Preprocessing) -> float:
+  """Max |jnp - numpy| of ``pre`` over every uint8 value in every channel (0 if identical)."""
+  v = np.arange(256, dtype=np.uint8)
+  rgb = np.stack([v, v[::-1], np.roll(v, 85)], axis=-1).reshape(1, 16, 16, 3)
+  got = np.asarray(jax.jit(jnp_preprocessing(pre))(rgb))
+  return float(np.abs(got - np.asarray(pre.fn(rgb), np.float32)).max())
+
+
+# ---------------------------------------------------------------------------------------------
+# The model in its exportable form
+
+
+def _splat_kernel_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                       dimension_numbers=None, feature_group_count=1, precision=None,
+                       **kwargs):
+  """``lax.conv_general_dilated`` for a kernel whose elements are all equal (``c``).
+
+  Such a convolution is ``c * (window sum of the channel sum of lhs)``, broadcast to the output
+  channels; this computes it that way (same numbers to float rounding). Why: XLA:CPU (jaxlib
+  0.10.2) rewrites an all-equal *constant* kernel as a broadcast scalar, and its YNNPACK fusions
+  then compute such convolutions wrongly (garbage or NaN) — e.g. an untrained, zero score layer
+  of an exact FCN at 64x64. Only NHWC / HWIO, ungrouped, undilated-input convolutions are
+  rewritten; anything else goes to ``lax.conv_general_dilated`` unchanged.
+  """
+  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+  dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  if (lhs.ndim != 4 or dn != nhwc or feature_group_count != 1
+      or (lhs_dilation is not None and tuple(lhs_dilation) != (1, 1))
+      or kwargs.get("preferred_element_type") is not None):
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        precision=precision, **kwargs)
+  kh, kw, _, cout = rhs.shape
+  rhs_dilation = tuple(rhs_dilation) if rhs_dilation is not None else (1, 1)
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), tuple(window_strides), padding)
+  s = jnp.sum(lhs, axis=-1, keepdims=True)
+  r = jax.lax.reduce_window(s, np.array(0, s.dtype), jax.lax.add, (1, kh, kw, 1),
+                            (1, *window_strides, 1), ((0, 0), *padding, (0, 0)),
+                            window_dilation=(1, *rhs_dilation, 1))
+  c = rhs.reshape(-1)[0].astype(r.dtype)
+  return jnp.broadcast_to(r * c, (*r.shape[:3], cout))
+
+
+def _is_splat(kernel) -> bool:
+  k = np.asarray(kernel)
+  return k.size > 1 and bool(np.all(k == k.reshape(-1)[0]))
+
+
+def lax_model(loaded):
+  """The ``ops="lax"`` form of ``loaded.model`` with its state, in eval mode.
+
+  Rebuilt with :func:`fcnjax.models.build_model` from ``loaded.info`` (plus the model's
+  batch-norm and dtype, which the info does not record); convolutions with an all-equal
+  kernel use :func:`_splat_kernel_conv`. ``ExportError`` if the state does not fit.
+  """
+  from flax import nnx
+  from fcnjax.models import build_model
+
+  src, info = loaded.model, loaded.info
+  bb = src.backbone
+  try:
+    abstract = nnx.eval_shape(lambda: build_model(  # the structure only: no random init
+        info["model"], int(info["num_classes"]), width_multiplier=float(info["width_multiplier"]),
+        aligned=info["aligned"] == "true", pool=info.get("pool", "ceil"),
+        learnable_upsampling=info.get("learnable_upsampling") == "true",
+        batch_norm=bb.blocks[0].norms is not None, dtype=bb.fc6.dtype, ops="lax", seed=0))
+    graphdef, _ = nnx.split(abstract)
+    model = nnx.merge(graphdef, nnx.state(src))
+  except (KeyError, ValueError, TypeError) as e:
+    raise ExportError(f"cannot rebuild the model as ops='lax' from {info}: {e}") from e
+  model.eval()
+  model.preprocessing = loaded.preprocessing
+  for _, mod in nnx.iter_modules(model):
+    if isinstance(mod, nnx.Conv) and _is_splat(mod.kernel[...]):
+      mod.conv_general_dilated = _splat_kernel_conv
+  return model
+
+
+def _logits_fn(model, pre_fn):
+  """``fn(images)``: (N, H, W, 3) uint8 RGB -> (N, H, W, C) float32 logits, params constant."""
+  def fn(images):
+    return model(pre_fn(images)).astype(jnp.float32)
+  return fn
+
+
+def _one_line(e: BaseException) -> str:
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  return (lines[0] if lines else type(e).__name__)[:400]
+
+
+def _export(fn, platforms):
+  spec = jax.ShapeDtypeStruct(
+      jax.export.symbolic_shape("n, h, w, 3", constraints=SHAPE_CONSTRAINTS), jnp.uint8)
+  return jax.export.export(jax.jit(fn), platforms=tuple(platforms))(spec)
+
+
+def _check(exported, loaded, where) -> dict:
+  """Run the artifact on this backend at :data:`CHECK_SIZES`; compare with ``loaded.model``."""
+  rng = np.random.default_rng(0)
+  worst, scale = 0.0, 0.0
+  for n, h, w in CHECK_SIZES:
+    images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    got = np.asarray(exported.call(images))
+    want = np.asarray(loaded.model(jnp.asarray(loaded.preprocessing.fn(images))), np.float32)
+    if got.shape != want.shape:
+      raise ExportError(f"{where}: the artifact gives shape {got.shape} for {images.shape}, the "
+                        f"model {want.shape}")
+    worst = max(worst, float(np.abs(got - want).max()))
+    scale = max(scale, float(np.abs(want).max()))
+  low = loaded.model.backbone.fc6.dtype not in (None, jnp.float32)
+  tol = (2e-2 if low else 1e-4) * max(scale, 1.0)
+  if not worst <= tol:
+    raise ExportError(f"{where}: the exported function differs from the model by {worst:.3g} "
+                      f"(max |logit| {scale:.3g}, tolerance {tol:.3g})")
+  return {"backend": jax.default_backend(), "sizes": [list(s) for s in CHECK_SIZES],
+          "max_abs_diff": worst,
+          "max_abs_logit": scale}
+
+
+def _dumps(meta: dict) -> str:
+  """JSON with one top-level key a line (each value compact: the palette stays 1 line)."""
+  items = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in meta.items()]
+  return "{\n" + ",\n".join(items) + "\n}\n"
+
+
+def _write(path: pathlib.Path, data: bytes) -> None:
+  """Write ``data`` to ``path`` via a temporary file and a rename (no half-written file)."""
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  try:
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def export_model(loaded, out_path, *, platforms=None) -> dict:
+  """Write the artifact of ``loaded`` (a :class:`~fcnjax.inference.LoadedModel`) to ``out_path``
+  and its metadata to ``out_path + ".json"``; return the metadata.
+
+  Args:
+    loaded: the model to export.
+    out_path: the artifact's path (overwritten if it exists; the CLI refuses that).
+    platforms: platforms to lower for (e.g. ``("cpu",)``); ``None``: ``("cpu", "cuda")``, else
+      (lowering for CUDA failed) the current backend only.
+
+  The metadata: ``format`` (``"fcnjax-export"``), ``format_version`` (1), ``input`` / ``output``
+  (dtype, layout, shape with ``"N"``, ``"H"``, ``"W"``), ``num_classes``, ``class_names``,
+  ``palette`` (256 RGB triples), ``preprocessing`` (``name``, ``channel_order``, ``scale``,
+  ``mean``, ``std``, ``formula``; applied inside the artifact), ``pad_value_rgb``, ``model``
+  (``info`` and ``description``), ``translation_period`` (the total stride: shifting the input
+  by a multiple of it shifts the logits alike), ``input_multiple``, ``shape_constraints``,
+  ``platforms`` (lowered for), ``platforms_requested``, ``platforms_note``, ``check`` (the
+  comparison with the model on this backend, or ``None`` where the artifact is not lowered
+  for it), ``fcnjax_version``, ``jax_version``, ``created`` (ISO date), ``export_seconds``.
+
+  Raises :class:`ExportError` (``"OUT: ..."``) when the model cannot be traced with symbolic
+  shapes, lowered for the platforms, or its artifact disagrees with the model; ``OSError``
+  when a file cannot be written.
+  """
+  import fcnjax
+
+  t0 = time.perf_counter()
+  out = pathlib.Path(out_path)
+  where = str(out)
+  pre = loaded.preprocessing
+  if pre.name not in _JNP_PREPROCESSING:
+    raise ExportError(f"{where}: no jnp form of the preprocessing {pre.name!r}")
+  mismatch = preprocessing_mismatch(pre)
+  if not mismatch <= PREPROCESSING_ATOL:
+    raise ExportError(f"{where}: the jnp preprocessing {pre.name!r} differs from numpy's by "
+                      f"{mismatch:.3g}")
+  try:
+    model = lax_model(loaded)
+  except ExportError as e:
+    raise ExportError(f"{where}: {e}") from e
+  fn = _logits_fn(model, jnp_preprocessing(pre))
+
+  requested = tuple(platforms) if platforms else None
+  note = "as requested"
+  try:
+    if requested is not None:
+      exported = _export(fn, requested)
+    else:
+      try:
+        exported = _export(fn, DEFAULT_PLATFORMS)
+        note = "multi-platform lowering (cpu and cuda)"
+      except Exception as e:  # noqa: BLE001 -- retried for this backend alone, below
+        backend = jax.default_backend()
+        exported = _export(fn, (backend,))  # if this fails too, the problem is not cuda's
+        note = f"lowering for cuda failed here ({_one_line(e)}): {backend} only"
+  except Exception as e:  # noqa: BLE001 -- tracing / lowering errors of any kind
+    if type(e).__name__ == "InconclusiveDimensionOperation":
+      raise ExportError(f"{where}: {loaded.description} cannot be traced with symbolic input "
+                        f"sizes (a shape check it makes is undecidable for all N, H, W): "
+                        f"{_one_line(e)}") from e
+    raise ExportError(f"{where}: cannot export {loaded.description}: "
+                      f"{type(e).__name__}: {_one_line(e)}") from e
+  try:
+    data = exported.serialize()
+  except ImportError as e:  # jax's serialization needs the flatbuffers package
+    raise ExportError(f"{where}: cannot serialize: {_one_line(e)}") from e
+
+  check = None
+  if jax.default_backend() in exported.platforms:
+    check = _check(jax.export.deserialize(data), loaded, where)
+
+  m = loaded.model
+  bb = m.backbone
+  num_classes = int(loaded.num_classes)
+  meta = {
+      "format": FORMAT, "format_version": FORMAT_VERSION,
+      "input": {"dtype": "uint8", "layout": "NHWC RGB", "shape": ["N", "H", "W", 3]},
+      "output": {"dtype": "float32", "layout": "NHWC logits", "kind": "logits",
+                 "shape": ["N", "H", "W", num_classes]},
+      "num_classes": num_classes,
+      "class_names": [str(n) for n in loaded.class_names],
+      "palette": np.asarray(loaded.palette, np.uint8).astype(int).tolist(),
+      "preprocessing": {"name": pre.name, **_JNP_PREPROCESSING[pre.name][1],
+                        "applied_inside": True},
+      "pad_value_rgb": [int(v) for v in pre.pad_value_rgb],
+      "model": {"info": dict(loaded.info), "description": loaded.description},
+      "translation_period": int(round(1 / bb.coord_maps[bb.final_stage].scale)),
+      "input_multiple": int(bb.input_multiple),
+      "shape_constraints": "N >= 1, H >= 1, W >= 1",
+      "platforms": list(exported.platforms),
+      "platforms_requested": list(requested) if requested else list(DEFAULT_PLATFORMS),
+      "platforms_note": note,
+      "check": check,
+      "fcnjax_version": fcnjax.__version__,
+      "jax_version": jax.__version__,
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+  meta["export_seconds"] = round(time.perf_counter() - t0, 3)
+  _write(out, data)
+  _write(pathlib.Path(f"{out}.json"), _dumps(meta).encode())
+  return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _read_meta(path: pathlib.Path):
+  """The JSON beside ``path`` if it is an fcnjax export's, else ``None``."""
+  try:
+    meta = json.loads(pathlib.Path(f"{path}.json").read_text())
+  except (OSError, ValueError):
+    return None
+  return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
+def is_exported(path) -> bool:
+  """Whether ``path`` is a file with a ``path + ".json"`` beside it of format fcnjax-export."""
+  p = pathlib.Path(path)
+  return p.is_file() and _read_meta(p) is not None
+
+
+class ExportedModel:
+  """An artifact and its metadata; needs only jax and numpy to run.
+
+  Attributes: ``exported`` (:class:`jax.export.Exported`), ``meta`` (the JSON), ``path``,
+  ``num_classes``, ``class_names`` (tuple), ``palette`` ((256, 3) uint8), ``pad_value_rgb``
+  (tuple), ``translation_period``, ``input_multiple``, ``platforms``.
+  ``model(images)``: uint8 (N, H, W, 3) RGB -> float32 numpy logits (N, H, W, num_classes).
+  """
+
+  def __init__(self, exported, meta: dict, path=None):
+    self.exported = exported
+    self.meta = meta
+    self.path = path
+    self.num_classes = int(meta["num_classes"])
+    self.class_names = tuple(meta["class_names"])
+    self.palette = np.asarray(meta["palette"], np.uint8)
+    self.pad_value_rgb = tuple(int(v) for v in meta["pad_value_rgb"])
+    self.translation_period = int(meta["translation_period"])
+    self.input_multiple = int(meta["input_multiple"])
+    self.platforms = tuple(exported.platforms)
+    self._call = jax.jit(exported.call)
+
+  def __call__(self, images) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 \
+        or min(images.shape) < 1:
+      raise ValueError(f"expected uint8 RGB images (N, H, W, 3) with N, H, W >= 1, got "
+                       f"{images.dtype} {images.shape}")
+    return np.asarray(self._call(images), np.float32)
+
+  def __repr__(self) -> str:
+    return (f"ExportedModel({self.path}, {self.num_classes} classes, "
+            f"platforms {','.join(self.platforms)})")
+
+
+def load_exported(path) -> ExportedModel:
+  """Read an artifact written by :func:`export_model` (``path`` and ``path + ".json"``).
+
+  Raises :class:`ExportError` ``"PATH: ..."`` for a missing or unreadable file, a missing or
+  malformed JSON, one that is not an fcnjax export's (or of a newer format version), a
+  truncated / damaged artifact, or one whose signature is not uint8 (N, H, W, 3) -> float32
+  (N, H, W, num_classes).
+  """
+  p = pathlib.Path(path).expanduser()
+  if not p.is_file():
+    raise ExportError(f"{p}: no such file" if not p.exists() else f"{p}: not a file")
+  jp = pathlib.Path(f"{p}.json")
+  try:
+    data = p.read_bytes()
+    text = jp.read_text()
+  except FileNotFoundError:
+    raise ExportError(f"{p}: no metadata {jp.name} beside it: not an fcnjax export") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise ExportError(f"{p}: cannot read the artifact or its metadata ({e})") from None
+  try:
+    meta = json.loads(text)
+  except ValueError as e:
+    raise ExportError(f"{p}: its metadata {jp.name} is not JSON ({e})") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise ExportError(f"{p}: its metadata {jp.name} is not an fcnjax export's (format "
+                      f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+  if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
+    raise ExportError(f"{p}: export format version {meta.get('format_version')!r}; this fcnjax "
+                      f"reads up to {FORMAT_VERSION}")
+  try:
+    exported = jax.export.deserialize(bytearray(data))
+  except ImportError as e:  # jax's serialization needs the flatbuffers package
+    raise ExportError(f"{p}: cannot deserialize: {_one_line(e)}") from None
+  except Exception as e:  # noqa: BLE001 -- flatbuffer / MLIR errors of any kind
+    raise ExportError(f"{p}: not a readable jax.export artifact (truncated or damaged?): "
+                      f"{type(e).__name__}: {_one_line(e)}") from None
+  try:
+    (inp,), (out,) = exported.in_avals, exported.out_avals
+    ok = (inp.dtype == np.uint8 and inp.ndim == 4 and inp.shape[-1] == 3
+          and out.dtype == np.float32 and out.ndim == 4
+          and out.shape[-1] == int(meta["num_classes"]))
+    model = ExportedModel(exported, meta, p) if ok else None
+  except (ValueError, TypeError, KeyError) as e:
+    raise ExportError(f"{p}: malformed metadata or signature ({type(e).__name__}: {e})") from None
+  if model is None:
+    raise ExportError(f"{p}: the artifact maps {exported.in_avals} -> {exported.out_avals}, not "
+                      f"uint8 (N, H, W, 3) -> float32 (N, H, W, {meta['num_classes']})")
+  if model.palette.shape != (256, 3):
+    raise ExportError(f"{p}: metadata palette has shape {model.palette.shape}, not (256, 3)")
+  return model
