@@ -28,7 +28,7 @@ MODES = {
     "exact": dict(exact=True),
     "tiled 64x64 overlap 32": dict(tile=(64, 64), overlap=32),
     "flip": dict(flip=True),
-    "scales 0.75,1,1.25": dict(scales=(0.75, 1.0, 1.25)),
+    "scales 0.75/1/1.25": dict(scales=(0.75, 1.0, 1.25)),
     "flip + scales 0.5..1.5": dict(flip=True, scales=(0.5, 0.75, 1.0, 1.25, 1.5)),
 }
 
