@@ -111,9 +111,10 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def find_inputs(inputs, pattern=None) -> list:
-  """``[(path, relative output stem), ...]`` for the INPUT arguments; raises ``ValueError``
-  naming an input that does not exist or a folder without images."""
+def find_inputs(inputs, pattern=None, exclude=None) -> list:
+  """``[(path, relative output stem), ...]`` for the INPUT arguments (files under the folder
+  ``exclude``, the output folder, are left out); raises ``ValueError`` naming an input that does
+  not exist or a folder without images."""
   from fcnjax.data.readers import IMAGE_EXTS
   found = []
   for arg in inputs:
@@ -123,6 +124,9 @@ def find_inputs(inputs, pattern=None) -> list:
     elif root.is_dir():
       files = sorted(p for p in root.rglob("*") if p.is_file() and not any(
           part.startswith(".") for part in p.relative_to(root).parts))
+      if exclude is not None:
+        skip = pathlib.Path(exclude).resolve()
+        files = [p for p in files if skip not in p.resolve().parents]
       if pattern:
         files = [p for p in files if fnmatch.fnmatch(p.name, pattern)
                  or fnmatch.fnmatch(str(p.relative_to(root)), pattern)]
@@ -171,7 +175,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   out_dir = pathlib.Path(args.out).expanduser()
   try:
-    inputs = find_inputs(args.inputs, args.glob)
+    inputs = find_inputs(args.inputs, args.glob, exclude=out_dir)
   except ValueError as e:
     _err(str(e))
     return EXIT_USAGE

@@ -164,3 +164,13 @@ def test_predict_from_an_exported_artifact_equals_the_weights(model_file, folder
     got = np.asarray(Image.open(tmp_path / "o" / f"{name}.png"))
     ref = p.predict(folder / (name + (".jpg" if name == "a" else ".png")))
     assert np.mean(got == ref) > 0.999  # float rounding may flip a near-tie pixel
+
+
+def test_inputs_skip_the_output_folder_and_keep_colliding_stems_apart(folder):
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")  # beside a.jpg
+  (folder / "preds").mkdir()
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "preds" / "old.png")
+  found = predict.find_inputs([folder], exclude=folder / "preds")
+  stems = {str(stem) for _, stem in found}
+  assert "preds/old" not in stems and {"a_jpg", "a_png"} <= stems
+  assert len(stems) == len(found)
