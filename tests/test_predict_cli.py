@@ -127,6 +127,7 @@ def test_scales_flag_is_checked_by_argparse(model_file, folder, tmp_path, capsys
   assert e.value.code == 2 and "positive numbers" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_predict_from_a_training_workdir(tmp_path, capsys):
   voc = write_tiny_voc(tmp_path / "data")
   workdir = tmp_path / "run"
