@@ -370,8 +370,12 @@ def make_loader(source, *, seed: int = 0, num_epochs: int = 1, start_epoch: int 
   sizes = source.sizes
   plan_sizes = augment_lib.planning_sizes(sizes, augment)
   if bucket_shapes is None:
-    plan = buckets_lib.plan_buckets(plan_sizes, max_buckets, granularity=granularity,
-                                    **(plan_kwargs or {}))
+    kw = dict(plan_kwargs or {})
+    if max_buckets == "auto" and len(plan_sizes) != len(sizes):
+      # sizes at several scales, of which an epoch draws one per image: auto's cost model
+      # must count one epoch's pixels, not every scale's
+      kw.setdefault("weights", np.full(len(plan_sizes), len(sizes) / len(plan_sizes)))
+    plan = buckets_lib.plan_buckets(plan_sizes, max_buckets, granularity=granularity, **kw)
   else:
     shapes = buckets_lib.sort_shapes(bucket_shapes)
     if not resize_to_fit and (buckets_lib.assign_buckets(plan_sizes, shapes) < 0).any():

@@ -145,6 +145,18 @@ def _max_buckets(config):
   return mb if mb == "auto" else int(mb)
 
 
+def _auto_plan_kwargs(config, train_source) -> dict | None:
+  """``max_buckets = "auto"``: the cost model counts the run's planned epochs (``train.steps``
+  converted at ~one batch of ``data.batch_size`` per step when it is set)."""
+  if _max_buckets(config) != "auto":
+    return None
+  epochs = float(config.train.epochs)
+  if config.train.steps is not None:
+    per_epoch = max(1.0, len(train_source) / max(1, config.data.batch_size or 1))
+    epochs = max(1.0, config.train.steps / per_epoch)
+  return {"epochs": epochs}
+
+
 def eval_protocols(config) -> tuple:
   """The evaluation protocols a training run of ``config`` uses, each once: that of the
   evaluations during training, then that of the final one."""
@@ -174,6 +186,7 @@ def build_loaders(config, train_source, val_source, num_devices: int, *, start_e
     return pipeline.make_train_loader(train_source, seed=config.train.seed,
                                       num_epochs=num_epochs, start_epoch=start_epoch,
                                       augment=aug, max_buckets=_max_buckets(config),
+                                      plan_kwargs=_auto_plan_kwargs(config, train_source),
                                       num_workers=d.num_workers, max_batch_sizes=max_batch_sizes,
                                       **batching, **dist)
 
