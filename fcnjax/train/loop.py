@@ -35,6 +35,7 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import nnx
 import numpy as np
 
 from fcnjax import configs as configs_lib
@@ -108,10 +109,16 @@ def build_model(config, seed: int | None = None):
   if m.num_classes < 1:
     raise ValueError("resolve the config first: model.num_classes is 0 (from the dataset)")
   dtype = {"fp32": None, "bf16": jnp.bfloat16}[m.precision]
-  return models.build_model(m.name, m.num_classes, width_multiplier=m.width_multiplier,
-                            aligned=m.aligned, learnable_upsampling=m.learnable_upsampling,
-                            batch_norm=m.batch_norm, dtype=dtype, ops=m.ops,
-                            seed=config.train.seed if seed is None else seed)
+  seed = config.train.seed if seed is None else seed
+
+  def build():
+    return models.build_model(m.name, m.num_classes, width_multiplier=m.width_multiplier,
+                              aligned=m.aligned, learnable_upsampling=m.learnable_upsampling,
+                              batch_norm=m.batch_norm, dtype=dtype, ops=m.ops, seed=seed)
+
+  # one compiled program for the whole initialisation instead of one eager compile per
+  # parameter shape (1.3-1.8 s less on the 2-core CPU for the default model; the same values)
+  return nnx.jit(build)()
 
 
 def build_optimizer(config, total_steps: int):
