@@ -42,24 +42,23 @@ EXIT_FAILURES = 1
 EXIT_USAGE = 2
 
 
-def _positive_int(text):
-  try:
-    v = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-  if v < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return v
+def _int_at_least(low: int):
+  """An argparse type: an integer >= ``low``, else one message naming the value."""
+  what = "a positive integer" if low == 1 else f"an integer >= {low}"
+
+  def parse(text):
+    try:
+      v = int(text)
+    except ValueError:
+      v = None
+    if v is None or v < low:
+      raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return v
+
+  return parse
 
 
-def _non_negative_int(text):
-  try:
-    v = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-  if v < 0:
-    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-  return v
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def _scales(text):
@@ -239,7 +238,14 @@ def main(argv=None) -> int:
       f", scales {','.join(f'{s:g}' for s in args.scales)}" if args.scales != (1.0,) else "")
   print(f"inputs: {len(inputs)} files, {len(ok)} readable; {mode}", flush=True)
 
-  done = _predict_all(predictor, ok, args, failures, outputs, images_lib)
+  try:
+    done = _predict_all(predictor, ok, args, failures, outputs, images_lib)
+  except KeyboardInterrupt:
+    written = sum(1 for _, paths in ok if paths[0].exists())
+    print(f"interrupted: {written} of {len(ok)} class maps are in {out_dir} (the last one may "
+          "be incomplete); run the same command with --overwrite to redo them all",
+          file=sys.stderr, flush=True)
+    return 130
   if done is None:
     return EXIT_FAILURES
   seconds = time.perf_counter() - start

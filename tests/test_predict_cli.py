@@ -175,3 +175,11 @@ def test_inputs_skip_the_output_folder_and_keep_colliding_stems_apart(folder):
   stems = {str(stem) for _, stem in found}
   assert "preds/old" not in stems and {"a_jpg", "a_png"} <= stems
   assert len(stems) == len(found)
+
+
+def test_ctrl_c_is_one_line_and_exit_130(model_file, folder, tmp_path, capsys, monkeypatch):
+  def interrupted(*a, **k):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(predict, "_predict_all", interrupted)
+  rc, out, err = run([model_file, folder, "--out", tmp_path / "o"], capsys)
+  assert rc == 130 and err.startswith("interrupted: 0 of 5 class maps") and "--overwrite" in err
