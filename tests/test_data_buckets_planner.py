@@ -85,3 +85,36 @@ def test_weights_count_like_repeated_sizes():
   assert a.shape_list == b.shape_list
   with pytest.raises(ValueError, match="2 weights for 3 sizes"):
     buckets.plan_buckets(sizes, 2, weights=[1, 2])
+
+
+def modelled_cost(plan, compile_s, s_per_pixel, epochs):
+  return compile_s * plan.num_buckets + s_per_pixel * plan.padded_pixels * epochs
+
+
+def test_auto_is_as_cheap_as_the_best_fixed_k():
+  # auto sweeps K with greedy plans and refines only the best: its modelled cost must still be
+  # within 0.5 % of the best of the fully searched fixed-K plans, for cheap and dear compiles
+  sizes = 16 * np.random.default_rng(3).integers(6, 26, (2000, 2))  # 20 heights, 20 widths
+  fixed = [buckets.plan_buckets(sizes, k) for k in range(1, 33)]
+  for compile_s, s_per_pixel in [(4.0, 1.6e-6), (40.0, 1e-8), (1.0, 1e-5)]:
+    kw = dict(compile_s_per_bucket=compile_s, s_per_pixel=s_per_pixel, epochs=50)
+    auto = buckets.plan_buckets(sizes, "auto", **kw)
+    best = min(modelled_cost(p, compile_s, s_per_pixel, 50) for p in fixed)
+    assert modelled_cost(auto, compile_s, s_per_pixel, 50) <= 1.005 * best, (compile_s, s_per_pixel)
+
+
+def test_auto_says_which_k_and_why():
+  sizes = np.random.default_rng(4).integers(100, 500, (2000, 2))
+  plan = buckets.plan_buckets(sizes, "auto", compile_s_per_bucket=30.0, s_per_pixel=1e-8,
+                              epochs=50)
+  reason = plan.auto_reason()
+  assert reason.startswith(f"auto chose K = {plan.num_buckets}: ")
+  assert "over 50 epochs" in reason and "compiles alone" in reason
+  comp, work = plan.auto["costs"][plan.num_buckets]
+  assert comp == 30.0 * plan.num_buckets
+  assert np.isclose(work, 1e-8 * plan.padded_pixels * 50, rtol=1e-6)
+  assert buckets.plan_buckets(sizes, 4).auto_reason() == ""
+  # every size its own bucket: more buckets save nothing
+  few = np.array([[100, 200], [200, 100]])
+  reason = buckets.plan_buckets(few, "auto", compile_s_per_bucket=1e-9).auto_reason()
+  assert "a bucket more saves no padding" in reason

@@ -42,6 +42,15 @@ def _as_sizes(sizes) -> np.ndarray:
   return sizes
 
 
+def _unique_rows(a):
+  """``np.unique(a, axis=0, return_inverse=True)`` for (N, 2) non-negative ints, through one
+  int64 key per row (a 1-D sort: ~10x faster than numpy's row-wise unique on 200k rows)."""
+  a = np.asarray(a, np.int64)
+  base = int(a[:, 1].max()) + 1 if len(a) else 1
+  keys, inverse = np.unique(a[:, 0] * base + a[:, 1], return_inverse=True)
+  return np.stack([keys // base, keys % base], 1), inverse.reshape(-1)
+
+
 def sort_shapes(shapes) -> np.ndarray:
   """Bucket shapes (K, 2) sorted by (area, H, W): the order of the assignment's tie-break."""
   shapes = np.unique(np.asarray(shapes, np.int64).reshape(-1, 2), axis=0)
@@ -87,6 +96,10 @@ class BucketPlan:
   real_pixels: int
   padded_pixels: int
   granularity: int = 1
+  auto: dict | None = None
+  """For ``max_buckets="auto"``: what the choice was made from (see :meth:`auto_reason`):
+  ``compile_s_per_bucket``, ``s_per_pixel``, ``epochs``, ``costs`` (K -> (compile s, compute s)
+  of each K solved) and ``stop`` (why larger K were not tried). None for a fixed K."""
 
   @property
   def num_buckets(self) -> int:
@@ -102,6 +115,22 @@ class BucketPlan:
 
   def assign(self, sizes) -> np.ndarray:
     return assign_buckets(sizes, self.shapes)
+
+  def auto_reason(self) -> str:
+    """One line: the K ``auto`` chose and why (its modelled seconds against the neighbouring K,
+    and why no larger K was tried). "" for a plan made with a fixed K."""
+    if not self.auto:
+      return ""
+    a, k = self.auto, self.num_buckets
+    costs = a["costs"]
+    comp, work = costs[k]
+    line = (f"auto chose K = {k}: {comp:.1f} s of compiles + {work:.1f} s of steps on padded "
+            f"pixels = {comp + work:.1f} s over {a['epochs']:g} epochs "
+            f"({a['compile_s_per_bucket']:.3g} s/bucket, {a['s_per_pixel']:.3g} s/px)")
+    others = [f"K = {j}: {sum(costs[j]):.1f} s" for j in (k - 1, k + 1) if j in costs]
+    if others:
+      line += "; " + ", ".join(others)
+    return line + f"; {a['stop']}"
 
   def report(self) -> str:
     n = int(self.counts.sum())
@@ -149,13 +178,13 @@ class _Problem:
   def __init__(self, sizes, granularity, weights=None):
     g = int(granularity)
     w = np.ones(len(sizes)) if weights is None else np.asarray(weights, np.float64)
-    distinct, inverse = np.unique(sizes, axis=0, return_inverse=True)
+    distinct, inverse = _unique_rows(sizes)
     dw = np.bincount(inverse.reshape(-1), weights=w, minlength=len(distinct))
     step = g
     cap = -(-distinct.max(axis=0) // g) * g  # coarse rounding never goes past the largest size
     while True:
       rounded = np.minimum(-(-distinct // step) * step, cap)
-      self.shapes, inv = np.unique(rounded, axis=0, return_inverse=True)
+      self.shapes, inv = _unique_rows(rounded)
       cand = _candidates(self.shapes)
       if len(cand) * len(self.shapes) <= MAX_PROBLEM_CELLS:
         break
@@ -178,25 +207,85 @@ class _Problem:
   def total(self, chosen) -> float:
     return float(self.w @ self.per_shape(chosen).astype(np.float64))
 
-  def best_addition(self, per_shape):
-    """(candidate, total after adding it) minimising the total."""
-    # Covered shapes in float32 (the big matrix); shapes left uncovered (a search step that
-    # removed their only bucket) in float64 on their few columns, so candidates that would cover
-    # them are still told apart by area.
-    uncovered = per_shape >= _UNCOVERED / 2
-    per0 = np.where(uncovered, 0, per_shape).astype(np.float32)
-    gain = (np.maximum(per0[None, :] - self.cost, 0.0) @ self.w.astype(np.float32)).astype(
-        np.float64)
-    if uncovered.any():
-      cu = self.cost[:, uncovered].astype(np.float64)
-      gain += np.where(cu < _UNCOVERED / 2, _UNCOVERED - cu, 0.0) @ self.w[uncovered]
-    b = int(gain.argmax())
-    return b, float(self.w @ per_shape.astype(np.float64) - gain[b])
-
   def used(self, chosen) -> list:
     """The buckets of ``chosen`` that some shape is assigned to (smallest area that holds it)."""
     which = assign_buckets(self.shapes[self.w > 0], self.cand[list(chosen)])
     return [c for i, c in enumerate(chosen) if (which == i).any()]
+
+
+class _Gains:
+  """What adding each candidate would save, kept up to date as the chosen buckets change.
+
+  ``per``: (S,) float64, each shape's cost (area of its bucket) under the current buckets, which
+  cover every shape. ``gain``: (C,) float64, ``gain[c] = sum_s w_s * max(per_s - cost[c, s], 0)``:
+  the padded area that adding candidate c saves. :meth:`update` corrects ``gain`` only on the
+  shapes whose cost changed, so a greedy addition or a local-search swap costs candidates x
+  changed shapes, not candidates x shapes.
+  """
+
+  def __init__(self, prob: _Problem, chosen):
+    self.prob = prob
+    self.per = prob.per_shape(chosen).astype(np.float64)
+    self.gain = self.contribution(slice(None), self.per)
+
+  def contribution(self, cols, per_cols) -> np.ndarray:
+    """(C,) savings of every candidate on the shapes ``cols`` if they cost ``per_cols``."""
+    cost = self.prob.cost[:, cols].astype(np.float64)
+    return np.maximum(per_cols[None, :] - cost, 0.0) @ self.prob.w[cols]
+
+  def update(self, chosen) -> None:
+    per = self.prob.per_shape(chosen).astype(np.float64)
+    cols = np.flatnonzero(per != self.per)
+    if len(cols):
+      self.gain += (self.contribution(cols, per[cols])
+                    - self.contribution(cols, self.per[cols]))
+      self.per = per
+
+  def total(self) -> float:
+    return float(self.prob.w @ self.per)
+
+
+def _add_greedily(prob: _Problem, chosen: list, gains: _Gains, k: int):
+  """Add to ``chosen`` the candidate that saves most area, while one saves some and fewer than
+  ``k`` are chosen; yields (chosen, total padded area) after each addition."""
+  while len(chosen) < min(k, len(prob.cand)):
+    b = int(gains.gain.argmax())
+    if b in chosen or gains.gain[b] <= 1e-6:
+      return  # nothing saves area any more: fewer buckets than allowed
+    chosen.append(b)
+    gains.update(chosen)
+    yield chosen, gains.total()
+
+
+def _local_search(prob: _Problem, chosen: list, gains: _Gains) -> list:
+  """Swap any bucket of ``chosen`` (which covers every shape) for the best replacement while the
+  exact total drops and every shape stays covered; passes over the buckets repeat while a swap
+  helps. Removing bucket j changes only the shapes assigned to j (their cost falls back to their
+  second-best bucket, or to uncovered), so each removal's gains are ``gains`` corrected on those
+  columns. A swap is kept only if the exactly recomputed total is lower, so the search ends."""
+  chosen = list(chosen)
+  total = prob.total(chosen)
+  improved = True
+  while improved:
+    improved = False
+    j = 0
+    while j < len(chosen):
+      rows = prob.cost[chosen]  # (K, S)
+      owner = rows.argmin(axis=0)
+      second = (np.partition(rows, 1, axis=0)[1] if len(chosen) > 1
+                else np.full(rows.shape[1], _UNCOVERED, np.float32)).astype(np.float64)
+      cols = np.flatnonzero(owner == j)
+      gain = gains.gain + (gains.contribution(cols, second[cols])
+                           - gains.contribution(cols, gains.per[cols]))
+      b = int(gain.argmax())
+      if b not in chosen:
+        candidate = chosen[:j] + [b] + chosen[j + 1:]
+        t = prob.total(candidate)
+        if t < total - 1e-6:
+          chosen, total, improved = candidate, t, True
+          gains.update(chosen)
+      j += 1
+  return chosen
 
 
 def _solve(prob: _Problem, k: int, init=None):
@@ -205,27 +294,51 @@ def _solve(prob: _Problem, k: int, init=None):
   swaps any bucket - that one included - for the best replacement while the total drops and
   every shape stays covered. Buckets no shape is assigned to are dropped."""
   chosen = list(init) if init else [prob.top]
-  per = prob.per_shape(chosen)
-  total = float(prob.w @ per.astype(np.float64))
-  while len(chosen) < min(k, len(prob.cand)):
-    b, t = prob.best_addition(per)
-    if b in chosen or t >= total - 1e-6:
-      break  # nothing saves area any more: fewer buckets than allowed
-    chosen.append(b)
-    per = np.minimum(per, prob.cost[b])
-    total = t
-  improved = True
-  while improved:  # one pass over the buckets, repeated while some swap helps
-    improved = False
-    for j in range(len(chosen)):
-      rest = chosen[:j] + chosen[j + 1:]
-      b, t = prob.best_addition(prob.per_shape(rest))
-      if t < total - 1e-6 and b not in rest:
-        chosen = rest[:j] + [b] + rest[j:]
-        total = t
-        improved = True
+  gains = _Gains(prob, chosen)
+  for _ in _add_greedily(prob, chosen, gains, k):
+    pass
+  chosen = _local_search(prob, chosen, gains)
   chosen = prob.used(chosen)
   return chosen, prob.total(chosen)
+
+
+def _solve_auto(prob: _Problem, compile_s: float, s_per_pixel: float, epochs: float,
+                max_k: int):
+  """(chosen candidate indices, the ``BucketPlan.auto`` record) for ``max_buckets="auto"``.
+
+  Sweeps K = 1, 2, ... with greedy additions (one vectorised pass per K, so every K's modelled
+  cost ``compile_s * K + s_per_pixel * padded area * epochs`` is known after K passes), stopping
+  once K compiles alone cost more than the best plan or an added bucket saves nothing; then
+  refines the best K with the local search of :func:`_solve` (which only lowers its cost, so it
+  stays the cheapest K of the sweep)."""
+  def cost(chosen, total):
+    return compile_s * len(chosen), s_per_pixel * total * epochs
+
+  chosen = [prob.top]
+  gains = _Gains(prob, chosen)
+  greedy = {1: (list(chosen), gains.total())}
+  best_cost = sum(cost(chosen, gains.total()))
+  stop = f"K = {max_k} is the largest K tried (max_auto_buckets)"
+  for chosen, total in _add_greedily(prob, chosen, gains, max_k):
+    k = len(chosen)
+    greedy[k] = (list(chosen), total)
+    best_cost = min(best_cost, sum(cost(chosen, total)))
+    if compile_s * (k + 1) >= best_cost and k < max_k:
+      stop = (f"K >= {k + 1} not tried: {k + 1} compiles alone ({compile_s * (k + 1):.1f} s) "
+              f"cost more than the best plan")
+      break
+  else:
+    if len(greedy) < max_k:
+      k = len(greedy)
+      stop = (f"K >= {k + 1} not tried: a bucket more saves no padding ({k} already fit every "
+              f"size as tightly as they can)")
+  costs = {k: cost(c, t) for k, (c, t) in greedy.items()}
+  k_best = min(costs, key=lambda k: sum(costs[k]))
+  c, t = _solve(prob, k_best, init=greedy[k_best][0])
+  costs[len(c)] = min(costs.get(len(c), (np.inf, np.inf)), cost(c, t), key=sum)
+  return c, {
+      "compile_s_per_bucket": compile_s, "s_per_pixel": s_per_pixel, "epochs": epochs,
+      "costs": costs, "stop": stop}
 
 
 def plan_buckets(sizes, max_buckets=8, *, granularity: int = 1,
@@ -238,7 +351,9 @@ def plan_buckets(sizes, max_buckets=8, *, granularity: int = 1,
   (a plan may have fewer than ``max_buckets``). ``max_buckets="auto"``: the K in
   1..``max_auto_buckets`` minimising ``compile_s_per_bucket * K + s_per_pixel * padded_pixels *
   epochs`` (padded_pixels = sum of bucket areas over ``sizes`` weighted by ``weights``, i.e. one
-  epoch; the search stops once K buckets' compile cost alone exceeds the best total). ``weights``
+  epoch; K is swept with greedy plans, stopping once K buckets' compile cost alone exceeds the
+  best total, and the best K is refined by local search; the plan's
+  :meth:`BucketPlan.auto_reason` says what was chosen and why). ``weights``
   (N,): what each size counts for (e.g. ``1 / num_scales`` for sizes at several augmentation
   scales, of which an epoch draws one per image); default 1.
   """
@@ -246,19 +361,10 @@ def plan_buckets(sizes, max_buckets=8, *, granularity: int = 1,
   if weights is not None and len(np.asarray(weights).reshape(-1)) != len(sizes):
     raise ValueError(f"{len(np.asarray(weights).reshape(-1))} weights for {len(sizes)} sizes")
   prob = _Problem(sizes, granularity, weights)
+  auto = None
   if max_buckets == "auto":
-    best, best_cost, prev = None, np.inf, None
-    for k in range(1, int(max_auto_buckets) + 1):
-      if compile_s_per_bucket * k >= best_cost:
-        break  # the compiles alone cost more than the best plan found
-      chosen, total = _solve(prob, k, init=prev)
-      cost = compile_s_per_bucket * len(chosen) + s_per_pixel * total * epochs
-      if cost < best_cost - 1e-9:
-        best, best_cost = chosen, cost
-      if len(chosen) < k:
-        break  # more buckets save nothing: every further K gives this plan
-      prev = chosen
-    chosen = best
+    chosen, auto = _solve_auto(prob, float(compile_s_per_bucket), float(s_per_pixel),
+                               float(epochs), int(max_auto_buckets))
   else:
     k = int(max_buckets)
     if k < 1:
@@ -270,7 +376,7 @@ def plan_buckets(sizes, max_buckets=8, *, granularity: int = 1,
   return BucketPlan(shapes=shapes, counts=counts,
                     real_pixels=int((sizes[:, 0] * sizes[:, 1]).sum()),
                     padded_pixels=int((shapes[b, 0] * shapes[b, 1]).sum()),
-                    granularity=int(granularity))
+                    granularity=int(granularity), auto=auto)
 
 
 def batch_sizes(shapes, *, batch_size: int | None = None, pixels_per_batch: int | None = None,
