@@ -28,7 +28,7 @@ from fcnjax.configs import base
 
 FREE_ON_RESUME = ("data.num_workers", "data.cache", "train.log_every", "output.tensorboard",
                   "output.compile_cache", "data.on_bad_data", "data.validate", "eval.protocol",
-                  "eval.final_protocol")
+                  "eval.final_protocol", "train.precompile", "train.compile_threads")
 """Fields that do not change what a run trains (the evaluation protocols change only how it is
 measured): a resumed run may change them freely."""
 OPEN_SECTIONS = ("data.builtin",)
@@ -205,6 +205,14 @@ def validate(cfg) -> None:
               "train.log_every", "eval.every_epochs", "checkpoint.save_every", "checkpoint.keep"):
     if not _positive_int(flat[key]):
       raise _bad(key, flat[key], "must be a positive integer (1, 2, ...)")
+  ct = cfg.train.compile_threads
+  if not (isinstance(ct, int) and not isinstance(ct, bool) and ct >= 0):
+    raise _bad("train.compile_threads", ct, "must be an integer >= 0 (0: min(4, CPU cores))")
+  if not isinstance(cfg.data.cost_profile, str):
+    raise _bad("data.cost_profile", cfg.data.cost_profile,
+               "must be the path of a cost profile JSON, or '' for the backend's default")
+  if not isinstance(cfg.train.precompile, bool):
+    raise _bad("train.precompile", cfg.train.precompile, "must be true or false")
   for key in ("data.pixels_per_batch", "data.eval_batch_size", "train.steps"):
     if flat[key] is not None and not _positive_int(flat[key]):
       raise _bad(key, flat[key], "must be a positive integer (1, 2, ...) or unset")

@@ -57,6 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
   d.pixels_per_batch = config_dict.placeholder(int)  # set: batch size per bucket from pixels
   d.eval_batch_size = config_dict.placeholder(int)   # evaluation batch ('' = as training)
   d.max_buckets = "8"                  # number of size buckets, or "auto" (cost model)
+  d.cost_profile = ""                  # "auto"'s costs: a JSON from benchmarks.buckets
+                                       # --calibrate ('' = the default for the backend)
   d.granularity = 1                    # bucket sides are multiples of this (32 when aligned)
   d.num_workers = 0                    # grain worker processes for decoding (0: in-process)
   d.on_bad_data = "skip"               # a file bad on decode: "skip" (counted) or "raise"
@@ -88,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.steps = config_dict.placeholder(int)  # set: stop after this many steps (overrides epochs)
   t.seed = 0                           # parameters, data order, augmentation, val split
   t.log_every = 10                     # steps between metrics.jsonl train records
+  t.precompile = True                  # compile every bucket's train / eval program at the start,
+                                       # in the background (False: each at its first use)
+  t.compile_threads = 0                # threads for that (0: min(4, CPU cores))
 
   e = c.eval = ml_collections.ConfigDict()
   e.every_epochs = 1                   # evaluate every N epochs (and at the end)

@@ -1,6 +1,7 @@
 """Size statistics and bucket plans of a dataset.
 
     python -m fcnjax.data.stats ROOT [--split train,val] [--granularity 32] [--epochs 50]
+        [--cost-profile cpu|gpu|PROFILE.json]
     python -m fcnjax.data.stats SIZES.csv [--split train,val]      # CSV: split,image_id,width,height
 
 prints the image count, min / mean / max of H and W, the number of distinct shapes and the most
@@ -19,7 +20,7 @@ import time
 
 import numpy as np
 
-from fcnjax.data import buckets, readers
+from fcnjax.data import bucket_costs, buckets, readers
 
 
 def read_sizes_csv(path, splits=None) -> np.ndarray:
@@ -66,6 +67,8 @@ def plans_summary(sizes, ks=(1, 2, 4, 8, 16, "auto"), **plan_kwargs) -> str:
     lines.append(f"--- K = {k}: {plan.num_buckets} buckets, padded-pixel fraction "
                  f"{100 * plan.padded_fraction:.2f}%  (planned in {dt:.2f} s)")
     lines.extend(plan.report().splitlines()[1:])
+    if k == "auto":
+      lines.append(f"  {plan.auto_reason()}")
   return "\n".join(lines)
 
 
@@ -75,9 +78,26 @@ def main(argv=None):
   p.add_argument("--split", default="train,val", help="comma-separated splits (default train,val)")
   p.add_argument("--granularity", type=int, default=1)
   p.add_argument("--epochs", type=float, default=1.0, help="planned epochs for K='auto'")
-  p.add_argument("--compile-s", type=float, default=buckets.DEFAULT_COMPILE_S_PER_BUCKET)
-  p.add_argument("--s-per-pixel", type=float, default=buckets.DEFAULT_S_PER_PIXEL)
+  p.add_argument("--cost-profile", metavar="FILE_OR_BACKEND", default="cpu",
+                 help="K='auto''s costs: a JSON from python -m benchmarks.buckets --calibrate, or "
+                 "'cpu' / 'gpu' for the built-in defaults (default cpu)")
+  p.add_argument("--compile-s", type=float, default=None,
+                 help="override the profile's compile seconds per bucket")
+  p.add_argument("--s-per-pixel", type=float, default=None,
+                 help="override the profile's train-step seconds per padded pixel")
   a = p.parse_args(argv)
+  try:
+    profile = (bucket_costs.default_profile(a.cost_profile)
+               if a.cost_profile in ("cpu", "gpu", "tpu")
+               else bucket_costs.load_profile(a.cost_profile))
+  except (bucket_costs.CostProfileError, ValueError) as e:
+    print(f"error: --cost-profile {e}", file=sys.stderr)
+    return 2
+  for flag, v in (("--compile-s", a.compile_s), ("--s-per-pixel", a.s_per_pixel),
+                  ("--epochs", a.epochs)):
+    if v is not None and not (np.isfinite(v) and v > 0):
+      print(f"error: {flag} {v}: must be a positive number", file=sys.stderr)
+      return 2
   splits = [s for s in a.split.split(",") if s]
   root = pathlib.Path(a.root)
   if root.suffix.lower() == ".csv":
@@ -89,8 +109,12 @@ def main(argv=None):
     return 1
   print(f"{a.root} [{','.join(splits)}]")
   print(size_summary(sizes))
-  print(plans_summary(sizes, granularity=a.granularity, epochs=a.epochs,
-                      compile_s_per_bucket=a.compile_s, s_per_pixel=a.s_per_pixel))
+  costs = profile.plan_kwargs(a.epochs)
+  costs.update({k: v for k, v in (("compile_s_per_bucket", a.compile_s),
+                                  ("s_per_pixel", a.s_per_pixel)) if v is not None})
+  print(f"auto: {profile.describe()}" + (" (overridden by --compile-s / --s-per-pixel)"
+                                         if a.compile_s or a.s_per_pixel else ""))
+  print(plans_summary(sizes, granularity=a.granularity, **costs))
   return 0
 
 

@@ -21,6 +21,7 @@ FIELDS = {
     "grad_accumulation": "optim.accumulate", "eval_every_epochs": "eval.every_epochs",
     "save_every": "checkpoint.save_every", "num_workers": "data.num_workers",
     "data_cache": "data.cache", "compile_cache": "output.compile_cache",
+    "cost_profile": "data.cost_profile",
     "tensorboard": "output.tensorboard", "on_bad_data": "data.on_bad_data",
     "validate": "data.validate", "exif": "data.exif", "reinit_scores": "model.reinit_scores",
     "allow_geometry_change": "model.allow_geometry_change",
@@ -50,7 +51,12 @@ def add_training_flags(p: argparse.ArgumentParser, *, models=None) -> None:
   g = p.add_mutually_exclusive_group()
   g.add_argument("--batch-size", type=int)
   g.add_argument("--pixels-per-batch", type=int)
-  p.add_argument("--max-buckets", help="an integer or 'auto'")
+  p.add_argument("--max-buckets", help="an integer or 'auto' (K from compile vs padding costs, "
+                 "for the planned epochs)")
+  p.add_argument("--cost-profile", metavar="FILE", default=None,
+                 help="with --max-buckets auto: the costs measured on this machine by "
+                 "'python -m benchmarks.buckets --calibrate' (default: the backend's built-in "
+                 "profile)")
   p.add_argument("--precision", choices=["fp32", "bf16"])
   p.add_argument("--optimizer", choices=["reference", "sgd", "adamw"],
                  help="reference = Caffe SGD (momentum 0.99, summed loss); sgd / adamw with the "

@@ -28,6 +28,7 @@ import collections
 import contextlib
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -43,11 +44,15 @@ from fcnjax import models
 from fcnjax import preprocessing as preprocessing_lib
 from fcnjax.configs import base as base_config
 from fcnjax.data import augment as augment_lib
+from fcnjax.data import bucket_costs
 from fcnjax.data import buckets as buckets_lib
 from fcnjax.data import datasets, pipeline
 from fcnjax.data.palette import VOC_PALETTE
 from fcnjax.data.validation import DataError
+from fcnjax import compilation
+from fcnjax.compilation import CompileStats
 from fcnjax.train import memory, optim, parallel, report
+from fcnjax.train import precompile as precompile_lib
 from fcnjax.train import step as step_lib
 from fcnjax.train.checkpoint import CheckpointDamaged, CheckpointMismatch, Checkpointer
 from fcnjax.train.interrupts import Interrupted, StopRequests
@@ -143,8 +148,9 @@ def learning_rate_at(config, total_steps: int):
   o = config.optim
   if o.optimizer == "reference":
     return lambda step: o.learning_rate
-  return optim.make_schedule(o.learning_rate, total_steps, warmup_steps(config, total_steps),
-                             o.schedule)
+  # one compiled program for every step (eagerly, each of the schedule's ops compiles once)
+  return jax.jit(optim.make_schedule(o.learning_rate, total_steps,
+                                     warmup_steps(config, total_steps), o.schedule))
 
 
 def _max_buckets(config):
@@ -152,16 +158,59 @@ def _max_buckets(config):
   return mb if mb == "auto" else int(mb)
 
 
-def _auto_plan_kwargs(config, train_source) -> dict | None:
-  """``max_buckets = "auto"``: the cost model counts the run's planned epochs (``train.steps``
-  converted at ~one batch of ``data.batch_size`` per step when it is set)."""
-  if _max_buckets(config) != "auto":
-    return None
+def auto_cost_profile(config) -> bucket_costs.CostProfile:
+  """The costs ``max_buckets = "auto"`` plans with: the JSON of ``data.cost_profile`` (written
+  by ``python -m benchmarks.buckets --calibrate``), else the documented default of this
+  backend (:func:`fcnjax.data.bucket_costs.default_profile`). A file that cannot be used raises
+  :class:`~fcnjax.configs.ConfigError` naming ``data.cost_profile`` and the problem."""
+  path = config.data.cost_profile
+  if not path:
+    return bucket_costs.default_profile(jax.default_backend())
+  try:
+    return bucket_costs.load_profile(os.path.expanduser(path))
+  except bucket_costs.CostProfileError as e:
+    text = str(e)
+    for prefix in (f"{os.path.expanduser(path)}: ", f"{path}: "):
+      text = text[len(prefix):] if text.startswith(prefix) else text
+    raise configs_lib.ConfigError(f"data.cost_profile = {path!r}: {text}",
+                                  field="data.cost_profile", value=path) from None
+
+
+def profile_mismatches(config, profile, num_devices: int) -> list:
+  """How this run differs from what ``profile`` was measured for (see
+  :meth:`~fcnjax.data.bucket_costs.CostProfile.mismatches`)."""
+  m = config.model
+  return profile.mismatches(backend=jax.default_backend(), model=m.name,
+                            width_multiplier=m.width_multiplier, aligned=m.aligned,
+                            precision=m.precision, num_devices=num_devices)
+
+
+def planned_epochs(config, train_source) -> float:
+  """Epochs the run trains: ``train.epochs``, or ``train.steps`` converted at ~one batch of
+  ``data.batch_size`` per step when it is set (at least 1)."""
   epochs = float(config.train.epochs)
   if config.train.steps is not None:
     per_epoch = max(1.0, len(train_source) / max(1, config.data.batch_size or 1))
     epochs = max(1.0, config.train.steps / per_epoch)
-  return {"epochs": epochs}
+  return epochs
+
+
+def _auto_plan_kwargs(config, train_source) -> dict | None:
+  """``max_buckets = "auto"``: the cost model of :func:`auto_cost_profile` over the run's
+  planned epochs (:func:`planned_epochs`); None for a fixed K."""
+  if _max_buckets(config) != "auto":
+    return None
+  return auto_cost_profile(config).plan_kwargs(planned_epochs(config, train_source))
+
+
+def _auto_eval_plan_kwargs(config) -> dict | None:
+  """The val loader's ``max_buckets = "auto"``: the same costs over the run's evaluations
+  (every ``eval.every_epochs`` epochs and the final one; the eval step is charged as the train
+  step, whose compile and per-pixel costs are both ~2-3x the eval step's)."""
+  if _max_buckets(config) != "auto":
+    return None
+  evaluations = config.train.epochs // max(1, config.eval.every_epochs) + 1
+  return auto_cost_profile(config).plan_kwargs(evaluations)
 
 
 def eval_protocols(config) -> tuple:
@@ -214,6 +263,7 @@ def build_loaders(config, train_source, val_source, num_devices: int, *, start_e
           multiple=ALIGNED_GRANULARITY if config.model.aligned else 1)
     elif protocol == "bucketed":
       vals[protocol] = pipeline.make_eval_loader(val_source, max_buckets=_max_buckets(config),
+                                                 plan_kwargs=_auto_eval_plan_kwargs(config),
                                                  **eval_batching,
                                                  max_batch_sizes=caps.get(protocol), **dist)
     else:
@@ -334,6 +384,7 @@ class Run:
                               if getattr(sources.val, "palette", None) is not None
                               else VOC_PALETTE, np.uint8)
     self.bad = {"train": {}, "val": {}}  # split -> {example index: Problem text}
+    self.compiler = precompile_lib.Precompiler({}, print_fn=self.print)  # see precompile()
     self.bad_in_epoch = collections.Counter()
 
   def _build_steps(self, state=None):
@@ -439,6 +490,61 @@ class Run:
     return memory.plan_from_model(model, shapes, requested, num_devices=nd, limit_bytes=limit,
                                   images_of_bucket=memory.bucket_images(loader))
 
+  def protocols_ahead(self, step: int, *, train: bool = True, pending: bool = False) -> list:
+    """The evaluation protocols the run still uses from ``step`` on, in order of first use:
+    that of a ``pending`` evaluation at ``step``, ``eval.protocol`` if an evaluation before the
+    last step is due (every ``eval.every_epochs`` epochs), and ``eval.final_protocol``;
+    ``train=False`` (``--eval-only``): the final protocol alone."""
+    e = self.cfg.eval
+    if not train:
+      return [e.final_protocol]
+    out = [self.protocol_at(step)] if pending else []
+    if step < self.total_steps:
+      first, last = self.epoch_of(step)[0], self.epoch_of(self.total_steps - 1)[0]
+      if any((epoch + 1) % e.every_epochs == 0 for epoch in range(first, last)):
+        out.append(e.protocol)
+    out.append(e.final_protocol)
+    return list(dict.fromkeys(out))
+
+  def precompile(self, step: int, *, train: bool = True, pending: bool = False) -> None:
+    """Start compiling every program the run will run from ``step`` on
+    (:mod:`fcnjax.train.precompile`): the train step of each train bucket, then the eval step
+    of each bucket of the val loaders of :meth:`protocols_ahead`, so that the loop only ever
+    waits for a program that is still compiling (``train=False``: no train programs, for
+    ``--eval-only``). ``train.precompile = False``: nothing (each program compiles at its first
+    use, as a plain jit call does)."""
+    jobs, counts = {}, collections.Counter()
+    if self.cfg.train.precompile:
+      abs_state = memory.abstract_state(self.state)
+      sharding = parallel.batch_sharding(self.mesh)
+      train_step, eval_step = self.train_step, self.eval_step
+      loader = self.train_loader
+      if train:
+        for (h, w), b in zip(loader.bucket_shapes, loader.batch_sizes):
+          shape = (int(b), int(h), int(w))
+          batch = memory.abstract_batch(shape, sharding)
+          jobs.setdefault(("train", shape), lambda batch=batch: train_step.lower(
+              abs_state, batch).compile())
+        counts["train"] = len(jobs)
+      order = self.protocols_ahead(step, train=train, pending=pending)
+      c = self.cfg.model.num_classes
+      hist = jax.ShapeDtypeStruct((c, c), jnp.int32,
+                                  sharding=parallel.replicated(self.mesh))
+      for protocol in (p for p in order if p in self.val_loaders):
+        val = self.val_loaders[protocol]
+        for (h, w), b in zip(val.bucket_shapes, val.batch_sizes):
+          shape = (int(b), int(h), int(w))
+          if ("eval", shape) in jobs:
+            continue
+          batch = memory.abstract_batch(shape, sharding)
+          jobs[("eval", shape)] = lambda batch=batch: eval_step.lower(
+              abs_state.params, abs_state.rest, hist, batch).compile()
+          counts["eval"] += 1
+    what = " + ".join(f"{n} {k}" for k, n in counts.items() if n)
+    self.compiler = precompile_lib.Precompiler(
+        jobs, threads=self.cfg.train.compile_threads or None, print_fn=self.print,
+        label=f" ({what})" if what else "", progress=None if self.primary else False)
+
   def start_outputs(self) -> None:
     """Write config.json and open TensorBoard (only once the run is known to go ahead)."""
     if self.primary:
@@ -524,6 +630,14 @@ class Run:
                f"{len(self.val_source)} images ({self.val_source.name})")
     self.print(f"classes: {c.model.num_classes} ({', '.join(self.class_names)})")
     self.print("train buckets: " + self.train_loader.report().replace("\n", "\n  "))
+    if _max_buckets(c) == "auto":
+      profile = auto_cost_profile(c)
+      self.print(f"buckets auto: {profile.describe()}")
+      for line in profile_mismatches(c, profile, len(devs)):
+        self.print(f"warning: {line} (measure this run's costs with python -m "
+                   "benchmarks.buckets --calibrate and pass --cost-profile)")
+      if self.train_loader.plan.auto_reason():
+        self.print(f"  train {self.train_loader.plan.auto_reason()}")
     for protocol, loader in self.val_loaders.items():
       self.print(val_loader_report(protocol, loader))
     for line in memory.dummy_row_warnings(self.train_loader):
@@ -651,6 +765,7 @@ class Run:
           self.stop(step, it, stop, during="evaluation")
         self.check_rows(batch, "val", step)
         gb = parallel.global_batch(batch, self.mesh)
+        self.compiler.wait(("eval", tuple(gb["image"].shape[:3])), stop)
         hist = self.eval_step(self.state.params, self.state.rest, hist, gb)
     finally:
       val_it.close()
@@ -800,6 +915,7 @@ def train(config, workdir, *, resume: bool = False, eval_only: bool = False,
 
 def _train(config, workdir, latest, saved, stop, *, resume, eval_only, allow_changes,
            restart_epoch, sources, print_fn) -> dict:
+  start, stats = time.perf_counter(), CompileStats()
   if sources is None:
     sources = datasets.make_sources(config, print_fn=print_fn)
   if stop.requested:
@@ -839,17 +955,41 @@ def _train(config, workdir, latest, saved, stop, *, resume, eval_only, allow_cha
     run.start_outputs()
     if latest is not None:
       run.log.truncate_after(step)
+    run.precompile(step, train=not eval_only, pending=pending)
     if eval_only:
-      return run.evaluate(step, stop, protocol=config.eval.final_protocol)
-    if it is None:
-      it = iter(run.train_loader)
-    return _loop(run, it, step, pending, stop)
+      metrics = run.evaluate(step, stop, protocol=config.eval.final_protocol)
+    else:
+      if it is None:
+        it = iter(run.train_loader)
+      metrics = _loop(run, it, step, pending, stop)
+    report_compiles(run, stats.counts(), time.perf_counter() - start,
+                    step if eval_only else run.total_steps)
+    return metrics
   finally:
+    run.compiler.close()
     if it is not None:
       it.close()
     run.ckpt.close()
     if run.tensorboard is not None:
       run.tensorboard.close()
+
+
+def report_compiles(run: Run, counts, wall_s: float, step: int) -> None:
+  """One line and one ``metrics.jsonl`` record (``kind: "compile"``, at ``step``) of what this
+  run (this process, from its start) compiled: programs and seconds, cold (XLA compile) and warm
+  (persistent-cache load) apart, tracing + lowering apart, and ``waited_s``: the wall seconds
+  the train and eval steps were blocked on a compile. Compiles overlap with each other and with
+  training (:mod:`fcnjax.train.precompile`), so ``compile_s`` is work done, ``waited_s`` time
+  lost."""
+  waited = run.compiler.waited_s
+  pct = lambda x: 100 * x / wall_s if wall_s > 0 else 0.0  # noqa: E731
+  run.print(f"compile (whole run): {counts.describe()}; XLA {counts.cold_s + counts.warm_s:.1f} s "
+            f"= {pct(counts.cold_s + counts.warm_s):.1f} % of the run's {wall_s:.1f} s wall (on "
+            f"all threads); steps waited {waited:.1f} s for compiles ({pct(waited):.1f} %)")
+  run.log.write({"kind": "compile", "step": int(step), "wall_s": wall_s,
+                 "compile_s": counts.total_s, "waited_s": waited,
+                 "precompile_wall_s": run.compiler.seconds,
+                 "cache_dir": compilation.cache_dir(), **counts.as_dict()})
 
 
 def _same_on_all_processes(flag: bool) -> bool:
@@ -886,6 +1026,9 @@ def _loop(run: Run, it, step: int, pending: bool, stop: StopRequests) -> dict:
       run.check_rows(batch, "train", step, it)
       shape = batch["image"].shape[1:3]
       gb = parallel.global_batch(batch, run.mesh)
+      run.compiler.wait(("train", tuple(gb["image"].shape[:3])), stop)
+      if stop.requested:
+        run.stop(step, it, stop)
       run.state, m = run.train_step(run.state, gb)
       loss = float(m["loss"])
       step += 1

@@ -116,7 +116,7 @@ def run(config, args, *, print_fn=print, flag_of=None) -> int:
   SIGINT / SIGTERM exits 128 + the signal number after saving. ``args`` carries
   :func:`add_run_flags`' flags; ``flag_of(field)`` names the CLI flag that set a config field."""
   import jax
-  from fcnjax import configs
+  from fcnjax import compilation, configs
   from fcnjax.data.validation import DataError
   from fcnjax.train import parallel
   from fcnjax.train.checkpoint import CheckpointDamaged, CheckpointMismatch, CheckpointSaveError
@@ -125,11 +125,9 @@ def run(config, args, *, print_fn=print, flag_of=None) -> int:
   from fcnjax.train.workdir_lock import WorkdirLocked
   from fcnjax.weights import WeightsError
   apply_environment(config)
-  cache = config.output.compile_cache
-  if cache and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
+  compilation.enable_persistent_cache(config.output.compile_cache)
   parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-  from fcnjax.train.loop import TrainingDiverged, train
+  from fcnjax.train.loop import TrainingDiverged, auto_cost_profile, train
   workdir = pathlib.Path(args.workdir or f"runs/{config.name}-{config.preset or 'default'}")
   allow = [a.strip() for a in args.allow_change.split(",") if a.strip()]
   try:
@@ -139,6 +137,8 @@ def run(config, args, *, print_fn=print, flag_of=None) -> int:
         memory.parse_bytes(os.environ[memory.ENV_VAR])
       except ValueError as e:
         raise configs.ConfigError(f"{memory.ENV_VAR}={os.environ[memory.ENV_VAR]!r}: {e}")
+    if config.data.cost_profile:
+      auto_cost_profile(config)  # a bad file: one line now, not after the data is read
     if config.model.init and not os.path.isfile(os.path.expanduser(config.model.init)):
       raise configs.ConfigError(f"model.init = {config.model.init!r}: no such file",
                                 field="model.init", value=config.model.init)

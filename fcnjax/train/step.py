@@ -45,9 +45,10 @@ def split_model(model: nnx.Module):
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation):
-  """(graphdef, TrainState at step 0) for ``model`` and optimizer ``tx``."""
+  """(graphdef, TrainState at step 0) for ``model`` and optimizer ``tx``. The optimizer state
+  is built by one compiled program (eagerly, each of its zero arrays would be a compile)."""
   graphdef, params, rest = split_model(model)
-  return graphdef, TrainState(params, rest, tx.init(params), jnp.zeros((), jnp.int32))
+  return graphdef, TrainState(params, rest, jax.jit(tx.init)(params), jnp.zeros((), jnp.int32))
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, reduction: str = "mean",
