@@ -207,7 +207,7 @@ def validate(cfg) -> None:
       raise _bad(key, flat[key], "must be a positive integer (1, 2, ...)")
   ct = cfg.train.compile_threads
   if not (isinstance(ct, int) and not isinstance(ct, bool) and ct >= 0):
-    raise _bad("train.compile_threads", ct, "must be an integer >= 0 (0: min(4, CPU cores))")
+    raise _bad("train.compile_threads", ct, "must be an integer >= 0 (0: auto)")
   if not isinstance(cfg.data.cost_profile, str):
     raise _bad("data.cost_profile", cfg.data.cost_profile,
                "must be the path of a cost profile JSON, or '' for the backend's default")

@@ -92,7 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.log_every = 10                     # steps between metrics.jsonl train records
   t.precompile = True                  # compile every bucket's train / eval program at the start,
                                        # in the background (False: each at its first use)
-  t.compile_threads = 0                # threads for that (0: min(4, CPU cores))
+  t.compile_threads = 0                # threads for that (0: auto: min(4, cores) with an
+                                       # accelerator; cores // 4 on the CPU backend, so none
+                                       # below 4 cores, where compiles would slow the steps)
 
   e = c.eval = ml_collections.ConfigDict()
   e.every_epochs = 1                   # evaluate every N epochs (and at the end)

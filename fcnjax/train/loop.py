@@ -514,7 +514,13 @@ class Run:
     ``--eval-only``). ``train.precompile = False``: nothing (each program compiles at its first
     use, as a plain jit call does)."""
     jobs, counts = {}, collections.Counter()
-    if self.cfg.train.precompile:
+    threads = (self.cfg.train.compile_threads
+               or precompile_lib.default_threads(jax.default_backend()))
+    if self.cfg.train.precompile and threads == 0 and self.primary:
+      self.print(f"compile: each program at its first use ({os.cpu_count()} CPU cores shared "
+                 "with the steps: compiling ahead would slow both; "
+                 "--config.train.compile_threads=N compiles ahead on N threads)")
+    if self.cfg.train.precompile and threads > 0:
       abs_state = memory.abstract_state(self.state)
       sharding = parallel.batch_sharding(self.mesh)
       train_step, eval_step = self.train_step, self.eval_step
@@ -542,7 +548,7 @@ class Run:
           counts["eval"] += 1
     what = " + ".join(f"{n} {k}" for k, n in counts.items() if n)
     self.compiler = precompile_lib.Precompiler(
-        jobs, threads=self.cfg.train.compile_threads or None, print_fn=self.print,
+        jobs, threads=max(1, threads), print_fn=self.print,
         label=f" ({what})" if what else "", progress=None if self.primary else False)
 
   def start_outputs(self) -> None:

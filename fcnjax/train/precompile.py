@@ -27,9 +27,17 @@ DEFAULT_MAX_THREADS = 4
 """Default pool size cap: more threads than this mostly contend for the same cores."""
 
 
-def default_threads() -> int:
-  """``min(DEFAULT_MAX_THREADS, CPU count)`` (at least 1)."""
-  return max(1, min(DEFAULT_MAX_THREADS, os.cpu_count() or 1))
+def default_threads(backend: str = "gpu") -> int:
+  """Background compile threads when none are configured. On an accelerator (compiles are host
+  work, steps device work): ``min(DEFAULT_MAX_THREADS, CPU count)``. On the CPU backend the
+  compiles share the cores with the steps: ``CPU count // 4``, so 0 (compile each program at
+  its first use) below 4 cores. Measured on the 2-core CPU, default voc_fcn8s run for 40 steps
+  with cold caches: 75.8 s wall compiling at first use, 89.5 s with one background thread
+  (the concurrent compiles took 71.8 s of XLA time instead of 48.4 s)."""
+  cpus = os.cpu_count() or 1
+  if backend == "cpu":
+    return cpus // 4
+  return max(1, min(DEFAULT_MAX_THREADS, cpus))
 
 
 class Precompiler:
