@@ -4,6 +4,9 @@
         [--model fcn8s] [--width-multiplier 1] [--aligned] [--batch-size 8 | --pixels-per-batch N]
         [--precision fp32|bf16] [--devices 1] [--scale 1.0] [--epochs 50] [--sample-shapes 6]
         [--steps 3] [--ks 2,4,8,16,auto] [--out benchmarks/results/buckets-DATE.json] [--quick]
+        [--cost-profile PROFILE.json]
+    python -m benchmarks.buckets --calibrate [--calibrate-shapes 4] [--profile-out FILE]
+        [the model / precision / devices / batching / sizes flags above]
 
 Images are synthetic random tensors of the real sizes (only the timing matters); every step is
 :func:`fcnjax.train.step.make_train_step` with the run's real optimizer (SGD-momentum, poly).
@@ -23,6 +26,15 @@ random sample is measured (one shape per equal-size stratum of padded pixels); t
 step times come from a linear fit ``step_s = a + b * pixels`` over every measured shape (pixels =
 B * H * W after the model's own alignment), and their compile times from the strategy's mean
 measured compile time. Output: markdown on stdout, JSON (``--out``), a PNG chart next to it.
+The ``auto`` strategy uses the costs measured by this run, or those of ``--cost-profile FILE``
+(a :class:`fcnjax.data.bucket_costs.CostProfile`, e.g. one written by ``--calibrate``).
+
+``--calibrate`` measures a cost profile instead (:func:`calibrate`): for ``--calibrate-shapes``
+bucket shapes spread over the size distribution (:func:`calibration_shapes`), the cold compile
+(empty persistent compilation cache), the warm compile (after ``jax.clear_caches()``, the same
+program loaded from that cache) and the step time of the real train step; ``s_per_pixel`` is the
+least-squares slope of step time vs model pixels. Writes the profile JSON (``--profile-out``,
+default ``benchmarks/results/cost-profile-<backend>-<date>.json``) and prints a table.
 
 Units: seconds (s), pixels (px), Mpx/s = 1e6 real (non-padding) pixels per second.
 """
@@ -30,18 +42,22 @@ Units: seconds (s), pixels (px), Mpx/s = 1e6 real (non-padding) pixels per secon
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
 import os
 import pathlib
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
+from fcnjax.data import bucket_costs
 from fcnjax.data import buckets as buckets_lib
 
 VOC_CROP = (320, 480)
@@ -262,6 +278,27 @@ class CompileEvents:
     return len(ev), float(sum(ev))
 
 
+class CacheHits:
+  """Persistent compilation cache hits seen by ``jax.monitoring`` (all programs)."""
+
+  EVENT = "/jax/compilation_cache/cache_hits"
+  _hits = 0
+  _registered = False
+
+  @classmethod
+  def count(cls) -> int:
+    import jax
+    if not cls._registered:
+      jax.monitoring.register_event_listener(cls._listen)
+      cls._registered = True
+    return cls._hits
+
+  @classmethod
+  def _listen(cls, event, **kw):
+    if event == cls.EVENT:
+      cls._hits += 1
+
+
 # The train step's optimizer: the training defaults (SGD-momentum, poly schedule, no warm-up),
 # over a schedule long enough that the measured steps sit at its start.
 NUM_CLASSES = 21
@@ -318,9 +355,48 @@ class Bench:
 
   def model_pixels(self, shape) -> int:
     """B * H * W px after the model pads H, W to its input multiple (what it computes on)."""
-    m = self.input_multiple
     b, h, w = (int(v) for v in shape)
-    return b * (-(-h // m) * m) * (-(-w // m) * m)
+    mh, mw = self.model_hw(h, w)
+    return b * mh * mw
+
+  def model_hw(self, h: int, w: int) -> tuple:
+    """(H, W) px the model computes on for an (h, w) input: each rounded up to its multiple."""
+    m = self.input_multiple
+    return -(-int(h) // m) * m, -(-int(w) // m) * m
+
+  def compile_timed(self, batch) -> tuple:
+    """(compiled step, timings) for ``batch``'s shape from a freshly jitted train step:
+    ``jax.jit(train_step).lower(state, batch).compile()`` timed in two parts: ``lower_s``
+    (trace + lower to StableHLO, wall s) and ``compile_s`` (XLA compile, or a persistent-cache
+    load, wall s); ``total_s`` their sum. ``backend_compile_event_s``: JAX's
+    ``backend_compile_duration`` events for the train step meanwhile (the same XLA part, as JAX
+    times it); ``cache_hits``: persistent-cache hits meanwhile."""
+    step = self.new_step()
+    mark, hits = self.events.mark(), CacheHits.count()
+    t0 = time.perf_counter()
+    lowered = step.lower(self.state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    n, backend_s = self.events.since(mark)
+    return compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1, "total_s": t2 - t0,
+                      "backend_compile_event_s": backend_s, "xla_compile_events": n,
+                      "cache_hits": CacheHits.count() - hits}
+
+  def time_steps(self, compiled, batch) -> dict:
+    """Median / min / max wall seconds of ``cfg.steps`` calls of ``compiled`` on ``batch``
+    after one untimed warm-up call (each call blocked until its loss is ready)."""
+    times = []
+    for i in range(self.cfg.steps + 1):
+      t = time.perf_counter()
+      self.state, m = compiled(self.state, batch)
+      self.jax.block_until_ready(m["loss"])
+      if i:
+        times.append(time.perf_counter() - t)
+    if not np.isfinite(float(m["loss"])):
+      raise FloatingPointError(f"non-finite loss at shape {batch['image'].shape[:3]}")
+    return {"step_s": float(np.median(times)), "step_s_min": float(min(times)),
+            "step_s_max": float(max(times)), "timed_steps": len(times)}
 
   def synthetic_batch(self, rows, hw) -> dict:
     """Random preprocessed images / labels of the real sizes ``rows`` (B, 2), padded to ``hw``."""
@@ -589,6 +665,231 @@ def auto_cost_table(sizes, *, compile_s_per_bucket, s_per_pixel, epochs, granula
 
 
 # ---------------------------------------------------------------------------------------------
+# Calibration: a cost profile for plan_buckets(..., "auto")
+# ---------------------------------------------------------------------------------------------
+class CalibrationError(RuntimeError):
+  """A calibration whose measurement cannot be trusted (one line: what went wrong)."""
+
+
+def calibration_shapes(sizes, n: int, bsz, model_hw=lambda h, w: (h, w),
+                       granularity: int = 1) -> np.ndarray:
+  """Up to ``n`` batch shapes (M, 3) int64 (B, H, W) px, M <= n, sorted by model pixels, spread
+  over the size distribution ``sizes`` (N, 2) for a step-time fit.
+
+  Candidates, in order of preference: the bucket shapes of ``plan_buckets(sizes, k)`` for
+  k = 1..2n (shapes a bucketed run compiles), then the image sizes at 2n area quantiles from the
+  smallest to the largest image (so that the pixel range stays wide when the model's alignment
+  maps every bucket onto a few shapes), each rounded up to ``granularity``. Candidates the model
+  computes on identically (same ``model_hw(H, W)``) count once. ``bsz(shapes (K, 2)) -> (K,)``
+  gives each shape's batch size. Of the candidates' model pixels B * H' * W', the shape nearest
+  to each of ``n`` evenly spaced targets from the smallest to the largest is taken (each once;
+  ties go to the earlier candidate)."""
+  sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
+  g = int(granularity)
+  pool = []
+  for k in range(1, 2 * int(n) + 1):
+    pool += buckets_lib.plan_buckets(sizes, k, granularity=g).shape_list
+  order = np.argsort(sizes[:, 0] * sizes[:, 1], kind="stable")
+  for q in np.linspace(0, 1, 2 * int(n)):
+    h, w = sizes[order[int(round(q * (len(sizes) - 1)))]]
+    pool.append((int(-(-h // g) * g), int(-(-w // g) * g)))
+  seen, cands = set(), []
+  for h, w in pool:
+    key = tuple(int(v) for v in model_hw(h, w))
+    if key not in seen:
+      seen.add(key)
+      cands.append((h, w))
+  hw = np.asarray(cands, np.int64)
+  bs = np.asarray(bsz(hw), np.int64)
+  px = np.array([b * np.prod(model_hw(h, w)) for b, (h, w) in zip(bs, hw)], np.float64)
+  taken = np.zeros(len(cands), bool)
+  for target in np.linspace(px.min(), px.max(), min(int(n), len(cands))):
+    j = int(np.argmin(np.where(taken, np.inf, np.abs(px - target))))
+    taken[j] = True
+  idx = np.flatnonzero(taken)
+  idx = idx[np.argsort(px[idx], kind="stable")]
+  return np.column_stack([bs[idx], hw[idx]]).astype(np.int64)
+
+
+PERSISTENT_CACHE_OPTIONS = {"jax_enable_compilation_cache": True,
+                            "jax_persistent_cache_min_compile_time_secs": 0.0,
+                            "jax_persistent_cache_min_entry_size_bytes": -1,
+                            "jax_persistent_cache_enable_xla_caches": "all"}
+"""JAX options of the calibration's persistent cache: keep every program however fast it
+compiled or small it is, plus XLA's own caches (GPU autotuning); an option this jax does not
+have is skipped."""
+
+
+def _reset_persistent_cache() -> None:
+  """Make JAX re-read the cache options at its next compile (it reads them once per process)."""
+  try:
+    from jax._src import compilation_cache
+    compilation_cache.reset_cache()
+  except (ImportError, AttributeError):  # a jax without it: the hit checks catch a stale cache
+    pass
+
+
+@contextlib.contextmanager
+def fresh_persistent_cache():
+  """A new empty temporary folder as JAX's persistent compilation cache (with
+  :data:`PERSISTENT_CACHE_OPTIONS`); yields its path. Afterwards the previous options are back
+  and the folder is deleted."""
+  import jax
+  folder = tempfile.mkdtemp(prefix="fcnjax-calibrate-xla-cache-")
+  opts = {"jax_compilation_cache_dir": folder, **{k: v for k, v in
+                                                  PERSISTENT_CACHE_OPTIONS.items()
+                                                  if k in jax.config.values}}
+  before = {k: jax.config.values[k] for k in opts}
+  for k, v in opts.items():
+    jax.config.update(k, v)
+  _reset_persistent_cache()
+  try:
+    yield folder
+  finally:
+    for k, v in before.items():
+      jax.config.update(k, v)
+    _reset_persistent_cache()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def folder_usage(folder) -> tuple:
+  """(files, bytes) under ``folder``, recursively."""
+  files = nbytes = 0
+  for base, _, names in os.walk(folder):
+    for name in names:
+      try:
+        nbytes += os.path.getsize(os.path.join(base, name))
+        files += 1
+      except OSError:
+        pass
+  return files, nbytes
+
+
+CALIBRATION_TIMING = (
+    "compile: wall seconds of jax.jit(train_step).lower(state, batch).compile() on a fresh jit "
+    "(trace + lower + XLA compile; warm: after jax.clear_caches(), trace + lower + load from the "
+    "persistent compilation cache, which held only this run's programs); step: median wall "
+    "seconds of the compiled step after 1 warm-up call, each call blocked until ready; "
+    "s_per_pixel: least-squares slope of step seconds vs model pixels B*H*W")
+
+
+def step_cost_fit(pixels, step_s) -> dict:
+  """:func:`fit_step_time` plus ``method`` and ``s_per_pixel``: the least-squares slope when
+  the shapes span >= 1.25x in pixels and the slope is positive, else (pixels too alike for a
+  slope, e.g. ``--pixels-per-batch``; or noise) the through-origin ratio mean(step s) / mean(px),
+  which is positive and includes the per-step overhead."""
+  px = np.asarray(pixels, np.float64)
+  fit = fit_step_time(px, step_s)
+  if px.max() >= 1.25 * px.min() and fit["b_s_per_px"] > 0:
+    return dict(fit, method="least squares", s_per_pixel=fit["b_s_per_px"])
+  why = "pixels span < 1.25x" if px.max() < 1.25 * px.min() else "slope <= 0"
+  return dict(fit, method=f"through origin ({why})",
+              s_per_pixel=float(np.mean(step_s) / px.mean()))
+
+
+def calibrate(a, sizes, source: str, argv, log=print) -> int:
+  """``--calibrate``: measure a :class:`~fcnjax.data.bucket_costs.CostProfile` for the flags'
+  model / precision / devices / batching on ``sizes`` (N, 2) px, write it and print a table.
+
+  Per shape of :func:`calibration_shapes`: a cold compile (the process's fresh persistent cache
+  has no entry for it), ``cfg.steps`` timed steps, then ``jax.clear_caches()`` and a warm
+  compile of a fresh jit (a persistent-cache load). A cold compile that hit the cache, or a warm
+  one that did not, raises :class:`CalibrationError`. Costs: the medians over shapes; per pixel:
+  :func:`step_cost_fit`. Returns 0."""
+  import jax
+  t_start = time.perf_counter()
+  backend = jax.default_backend()
+  today = datetime.date.today().isoformat()
+  out = pathlib.Path(a.profile_out or f"benchmarks/results/cost-profile-{backend}-{today}.json")
+  try:  # before the measuring, not after it
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+      raise PermissionError(f"{out.parent}: folder is not writable")
+  except OSError as e:
+    raise bucket_costs.CostProfileError(f"{out}: cannot write the cost profile: {e}") from None
+  batching = dict(batch_size=a.batch_size, pixels_per_batch=a.pixels_per_batch,
+                  num_devices=a.devices)
+  samples = []
+  with fresh_persistent_cache() as cache:
+    bench = Bench(BenchConfig(a.model, a.width_multiplier, a.aligned, a.precision, a.devices,
+                              a.steps, a.seed))
+    machine = machine_info()
+    shapes = calibration_shapes(sizes, a.calibrate_shapes,
+                                lambda hw: buckets_lib.batch_sizes(hw, **batching),
+                                bench.model_hw, a.granularity)
+    log(f"calibrating {len(shapes)} shapes ({len(sizes)} images, {bench.num_params:,} "
+        f"parameters, {backend} {machine['device_kind']}); persistent cache {cache}")
+    for b, h, w in shapes.tolist():
+      batch = bench.synthetic_batch(np.tile([h, w], (b, 1)), (h, w))
+      name = f"{b}x{h}x{w}"
+      compiled, cold = bench.compile_timed(batch)
+      if cold["cache_hits"]:
+        raise CalibrationError(f"the cold compile of {name} loaded from the persistent cache "
+                               f"{cache}, which should have been empty")
+      steps = bench.time_steps(compiled, batch)
+      del compiled
+      files, nbytes = folder_usage(cache)
+      jax.clear_caches()
+      _, warm = bench.compile_timed(batch)
+      if not warm["cache_hits"]:
+        raise CalibrationError(f"the warm compile of {name} did not load from the persistent "
+                               f"cache {cache} ({files} files): JAX did not use it (was JAX "
+                               "compiling before --calibrate set it up?)")
+      mh, mw = bench.model_hw(h, w)
+      samples.append({"shape": [b, h, w], "model_hw": [mh, mw], "model_pixels": b * mh * mw,
+                      "cold_compile_s": cold["total_s"], "cold_lower_s": cold["lower_s"],
+                      "cold_xla_s": cold["compile_s"],
+                      "cold_backend_event_s": cold["backend_compile_event_s"],
+                      "warm_compile_s": warm["total_s"], "warm_lower_s": warm["lower_s"],
+                      "warm_load_s": warm["compile_s"], "warm_cache_hits": warm["cache_hits"],
+                      "cache_files": files, "cache_bytes": nbytes, **steps})
+      log(f"  {name} (model {mh}x{mw}): compile {cold['total_s']:.2f} s cold, "
+          f"{warm['total_s']:.2f} s warm ({files} cache files), step {steps['step_s']:.4f} s, "
+          f"load {os.getloadavg()[0]:.2f}")
+  fit = step_cost_fit([s["model_pixels"] for s in samples], [s["step_s"] for s in samples])
+  machine["loadavg_end"] = list(os.getloadavg())
+  profile = bucket_costs.CostProfile(
+      compile_s_per_bucket=float(np.median([s["cold_compile_s"] for s in samples])),
+      warm_compile_s_per_bucket=float(np.median([s["warm_compile_s"] for s in samples])),
+      s_per_pixel=fit.pop("s_per_pixel"), backend=backend, device_kind=machine["device_kind"],
+      model=a.model, width_multiplier=float(a.width_multiplier), aligned=bool(a.aligned),
+      precision=a.precision, num_devices=int(a.devices), source=str(out), measured=today,
+      timing=CALIBRATION_TIMING, fit=fit, samples=tuple(samples), machine=machine,
+      run={"command": "python -m benchmarks.buckets " + " ".join(
+               argv if argv is not None else sys.argv[1:]),
+           "sizes_source": source, "num_images": int(len(sizes)), "scale": a.scale,
+           "batch_size": a.batch_size, "pixels_per_batch": a.pixels_per_batch,
+           "granularity": a.granularity, "steps": a.steps, "seed": a.seed,
+           "wall_s": time.perf_counter() - t_start})
+  bucket_costs.save_profile(profile, out)
+  print(calibration_markdown(profile, sizes, a.epochs, a.granularity))
+  log(f"wrote {out}")
+  return 0
+
+
+def calibration_markdown(profile, sizes, epochs: int, granularity: int = 1) -> str:
+  """The calibration as a markdown table, its fit, and the ``auto`` K it gives on ``sizes``."""
+  lines = [profile.describe(), "",
+           "| shape BxHxW | model HxW | model px | cold compile s | warm compile s | cache files "
+           "| step s median (min-max) |", "|---|---|---:|---:|---:|---:|---|"]
+  for s in profile.samples:
+    lines.append(f"| {'x'.join(map(str, s['shape']))} | {'x'.join(map(str, s['model_hw']))} | "
+                 f"{s['model_pixels']:,} | {s['cold_compile_s']:.2f} | {s['warm_compile_s']:.2f} "
+                 f"| {s['cache_files']} | {s['step_s']:.4f} ({s['step_s_min']:.4f}-"
+                 f"{s['step_s_max']:.4f}) |")
+  f = profile.fit
+  auto = buckets_lib.plan_buckets(sizes, "auto", granularity=granularity,
+                                  **profile.plan_kwargs(epochs))
+  lines += ["", f"Step-time fit ({f['method']}, {f['points']} shapes): step_s = {f['a_s']:.4f} + "
+            f"{f['b_s_per_px']:.3e} x model pixels, R^2 {f['r2']:.3f}; s_per_pixel "
+            f"{profile.s_per_pixel:.3e}. Cold / warm: medians over the shapes. `auto` for "
+            f"{epochs:g} epochs of these {len(sizes)} sizes with this profile: "
+            f"**K = {auto.num_buckets}** (padding {100 * auto.padded_fraction:.1f} %); wall "
+            f"{profile.run['wall_s']:.0f} s."]
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
 def machine_info() -> dict:
@@ -691,10 +992,14 @@ def markdown(report: dict) -> str:
                    f"{b['step_s_max']:.3f}) | {b['images_per_s']:.2f} | "
                    f"{b['real_pixels_per_s'] / 1e6:.3f} | {100 * b['padding_fraction']:.1f} |")
   a = report["auto"]
-  lines += ["", f"`auto` K for {a['epochs']} epochs with the measured costs (compile "
-            f"{a['compile_s_per_bucket']:.2f} s per bucket = median first bucket compile; "
-            f"{a['s_per_pixel']:.3e} s per padded pixel, the fit's slope, see pixel_cost): "
-            f"**K = {a['auto_k']}** "
+  if a.get("profile"):
+    where = (f"with the costs of {a['profile']} (compile {a['compile_s_per_bucket']:.2f} s per "
+             f"bucket; {a['s_per_pixel']:.3e} s per padded pixel)")
+  else:
+    where = (f"with the measured costs (compile {a['compile_s_per_bucket']:.2f} s per bucket = "
+             f"median first bucket compile; {a['s_per_pixel']:.3e} s per padded pixel, the "
+             "fit's slope, see pixel_cost)")
+  lines += ["", f"`auto` K for {a['epochs']} epochs {where}: **K = {a['auto_k']}** "
             f"(padding {100 * a['auto_padded_fraction']:.1f} %), minimising compile + pixel cost "
             "(selected K shown; all in the JSON):",
             "", "| K | buckets | padding % | compile cost s | pixel cost s | total s |",
@@ -752,9 +1057,15 @@ QUICK = dict(width_multiplier=0.0625, aligned=True, scale=0.1, steps=2, sample_s
              batch_size=2, max_images=64)
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse whose errors are one ``error: ...`` line (exit 2), without the usage block."""
+
+  def error(self, message):
+    self.exit(2, f"error: {message} (see python -m benchmarks.buckets --help)\n")
+
+
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(prog="python -m benchmarks.buckets",
-                              description=__doc__.split("\n")[0])
+  p = _Parser(prog="python -m benchmarks.buckets", description=__doc__.split("\n")[0])
   src = p.add_mutually_exclusive_group()
   src.add_argument("--sizes", help="CSV split,image_id,width,height (default: shipped VOC 2012)")
   src.add_argument("--root", help="dataset root to scan (VOC / SBD; image headers only)")
@@ -782,7 +1093,21 @@ def parse_args(argv=None):
   p.add_argument("--quick", action="store_true",
                  help="CI-sized: width 1/16 aligned, scale 0.1, 64 images, batch 2, 2 steps, "
                       "1 sampled shape per strategy")
+  p.add_argument("--cost-profile", metavar="FILE",
+                 help="the 'auto' strategy uses this cost profile (JSON, e.g. from --calibrate) "
+                      "instead of this run's measured costs")
+  p.add_argument("--calibrate", action="store_true",
+                 help="measure a cost profile (compile cold / warm, s per pixel) for the model, "
+                      "precision, devices and batching flags instead of the strategies")
+  p.add_argument("--calibrate-shapes", type=int, default=None, metavar="N",
+                 help="with --calibrate: bucket shapes to measure (default 4, at least 2)")
+  p.add_argument("--profile-out", metavar="FILE",
+                 help="with --calibrate: where to write the profile (default "
+                      "benchmarks/results/cost-profile-<backend>-<date>.json)")
   a = p.parse_args(argv)
+  problem = _flag_problem(a)
+  if problem:
+    p.error(problem)
   if a.quick:
     for k, v in QUICK.items():
       if k == "batch_size" and a.pixels_per_batch:
@@ -791,7 +1116,40 @@ def parse_args(argv=None):
         setattr(a, k, v)
   if a.batch_size is None and a.pixels_per_batch is None:
     a.batch_size = 8
+  if a.calibrate_shapes is None:
+    a.calibrate_shapes = 4
   return a
+
+
+def _flag_problem(a) -> str | None:
+  """Why the parsed flags ``a`` cannot run (None: they can)."""
+  positive = {"--steps": a.steps, "--devices": a.devices, "--granularity": a.granularity,
+              "--epochs": a.epochs, "--sample-shapes": a.sample_shapes,
+              "--max-images": a.max_images, "--batch-size": a.batch_size,
+              "--pixels-per-batch": a.pixels_per_batch}
+  for flag, v in positive.items():
+    if v is not None and v < 1:
+      return f"{flag} must be >= 1, got {v}"
+  if not (np.isfinite(a.scale) and a.scale > 0):
+    return f"--scale must be a positive number, got {a.scale}"
+  if not (np.isfinite(a.width_multiplier) and a.width_multiplier > 0):
+    return f"--width-multiplier must be a positive number, got {a.width_multiplier}"
+  if a.batch_size is not None and a.batch_size % a.devices:
+    return f"--batch-size {a.batch_size} is not a multiple of --devices {a.devices}"
+  bad = [k for k in a.ks.split(",") if k and k != "auto" and not (k.isdigit() and int(k) >= 1)]
+  if bad or not [k for k in a.ks.split(",") if k]:
+    return f"--ks takes bucket counts >= 1 and 'auto', got {a.ks!r}"
+  if a.calibrate:
+    if a.calibrate_shapes is not None and a.calibrate_shapes < 2:
+      return f"--calibrate-shapes must be >= 2 (a step-time fit), got {a.calibrate_shapes}"
+    for flag, v in (("--out", a.out), ("--cost-profile", a.cost_profile)):
+      if v:
+        return f"{flag} does not go with --calibrate (it writes --profile-out)"
+  else:
+    for flag, v in (("--calibrate-shapes", a.calibrate_shapes), ("--profile-out", a.profile_out)):
+      if v is not None:
+        return f"{flag} needs --calibrate"
+  return None
 
 
 def main(argv=None) -> int:
@@ -803,19 +1161,36 @@ def main(argv=None) -> int:
   splits = [s for s in a.split.split(",") if s]
   try:
     sizes = load_sizes(a.sizes, a.root, splits)
-  except (OSError, ValueError) as e:  # missing / unreadable / malformed size table or dataset
-    print(f"error: {e}", file=sys.stderr)
+    profile = bucket_costs.load_profile(a.cost_profile) if a.cost_profile else None
+  except (OSError, ValueError) as e:  # missing / unreadable / malformed size table, dataset or
+    print(f"error: {e}", file=sys.stderr)  # cost profile (CostProfileError is a ValueError)
     return 1
   source = a.root or (a.sizes or "shipped voc2012_seg_sizes.csv")
   if a.max_images and a.max_images < len(sizes):
     sizes = sizes[np.sort(np.random.default_rng(a.seed).choice(len(sizes), a.max_images, False))]
   sizes = scale_sizes(sizes, a.scale)
+  log = lambda *x: print(*x, file=sys.stderr, flush=True)  # noqa: E731
+  import jax
+  if a.devices > jax.device_count():
+    print(f"error: --devices {a.devices}, but {jax.device_count()} {jax.default_backend()} "
+          "device(s) are visible", file=sys.stderr)
+    return 2
+  if a.calibrate:
+    try:
+      return calibrate(a, sizes, str(source), argv, log)
+    except (bucket_costs.CostProfileError, CalibrationError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+  if profile is not None:
+    for m in profile.mismatches(backend=jax.default_backend(), model=a.model,
+                                width_multiplier=a.width_multiplier, aligned=a.aligned,
+                                precision=a.precision, num_devices=a.devices):
+      log(f"warning: cost profile {profile.source}: {m}")
   crop = tuple(int(v) for v in scale_sizes(np.array([VOC_CROP]), a.scale)[0])
   ks = [k for k in a.ks.split(",") if k]
   fixed_ks = [int(k) for k in ks if k != "auto"]
   out = pathlib.Path(a.out or f"benchmarks/results/buckets-{datetime.date.today()}.json")
   out.parent.mkdir(parents=True, exist_ok=True)
-  log = lambda *x: print(*x, file=sys.stderr, flush=True)  # noqa: E731
 
   bench = Bench(BenchConfig(a.model, a.width_multiplier, a.aligned, a.precision, a.devices,
                             a.steps, a.seed))
@@ -832,9 +1207,15 @@ def main(argv=None) -> int:
   fit = pooled_fit(results)
   bucket_results = [r for r in results if r["name"].startswith("buckets-")] or results
   bucket_fit = pooled_fit(bucket_results)
-  auto = auto_cost_table(sizes, compile_s_per_bucket=cold_compile_median(bucket_results),
-                         s_per_pixel=pixel_cost(bucket_results, results), epochs=a.epochs,
-                         granularity=a.granularity)
+  if profile is None:
+    costs = dict(compile_s_per_bucket=cold_compile_median(bucket_results),
+                 s_per_pixel=pixel_cost(bucket_results, results))
+  else:
+    costs = dict(compile_s_per_bucket=profile.compile_s_per_bucket,
+                 s_per_pixel=profile.s_per_pixel)
+  auto = auto_cost_table(sizes, **costs, epochs=a.epochs, granularity=a.granularity)
+  auto["source"] = profile.source if profile else "measured"
+  auto["profile"] = profile.describe() if profile else None
   if "auto" in ks:
     def bsz(shapes):
       return buckets_lib.batch_sizes(shapes, **batching)
@@ -863,6 +1244,7 @@ def main(argv=None) -> int:
                  "pixels_per_batch": a.pixels_per_batch, "granularity": a.granularity,
                  "epochs": a.epochs, "steps": a.steps, "sample_shapes": a.sample_shapes,
                  "seed": a.seed, "quick": a.quick, "optimizer": "sgd momentum 0.9, poly",
+                 "cost_profile": a.cost_profile,
                  "measure_wall_s": time.perf_counter() - t0},
       "machine": machine, "fit": fit, "bucket_fit": bucket_fit, "compile_s_projected": compile_s,
       "auto": auto, "drift": drift, "strategies": results}

@@ -152,3 +152,31 @@ def test_pixel_cost_is_positive_even_when_noise_tilts_the_fit():
   tilted = res([(1000, 0.31), (2000, 0.30), (4000, 0.29)])  # noise: slope < 0
   assert bb.pixel_cost(tilted, tilted + rising) > 0         # the pooled fit's slope
   assert bb.pixel_cost(tilted, tilted) == pytest.approx(0.30 / (7000 / 3))  # through origin
+
+
+def test_calibrate_writes_a_profile_that_auto_reads(tmp_path):
+  # --calibrate measures cold (empty persistent cache) and warm (loaded from it) compiles and the
+  # step cost per pixel; the profile it writes is what --cost-profile and the trainer read
+  from fcnjax.data import bucket_costs
+  out = tmp_path / "profile.json"
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.buckets", "--quick", "--calibrate",
+                         "--calibrate-shapes", "2", "--profile-out", str(out)],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  profile = bucket_costs.load_profile(out)
+  assert profile.backend == "cpu" and profile.model == "fcn8s" and len(profile.samples) == 2
+  assert profile.warm_compile_s_per_bucket < profile.compile_s_per_bucket
+  assert all(s["warm_cache_hits"] >= 1 for s in profile.samples)
+  assert 0 < profile.s_per_pixel < 1e-3
+
+
+@pytest.mark.parametrize("flags,problem", [
+    (["--calibrate", "--calibrate-shapes", "1"], "--calibrate-shapes must be >= 2"),
+    (["--profile-out", "x.json"], "--profile-out needs --calibrate"),
+    (["--calibrate", "--out", "x.json"], "--out does not go with --calibrate"),
+])
+def test_calibrate_flag_problems_are_one_line(flags, problem):
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.buckets", *flags], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and problem in proc.stderr.strip().splitlines()[-1]
+  assert "Traceback" not in proc.stderr
