@@ -27,6 +27,8 @@ import pathlib
 import sys
 import time
 
+from fcnjax import compilation
+
 
 def _one_line(e: BaseException) -> str:
   """``str(e)`` on one line (a multi-line message would split the ``error:`` line)."""
@@ -70,6 +72,9 @@ def main(argv=None) -> int:
                       help="comma-separated platforms to lower for (default: cpu,cuda, else "
                            "this backend)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+  parser.add_argument("--compile-cache", default=compilation.DEFAULT_CACHE_DIR,
+                      help="JAX persistent compilation cache folder for the check run "
+                           "('' = off; $JAX_COMPILATION_CACHE_DIR wins)")
   args = parser.parse_args(argv)
 
   out = pathlib.Path(args.out).expanduser()
@@ -80,6 +85,8 @@ def main(argv=None) -> int:
   if not out.parent.is_dir():
     return _error(f"{out}: the folder {out.parent} does not exist")
 
+  compilation.enable_persistent_cache(args.compile_cache)
+  compiles = compilation.CompileStats()
   from fcnjax.inference.export import ExportError, export_model
   from fcnjax.inference.loading import ModelLoadError, load_model
   from fcnjax.weights.errors import WeightsError
@@ -111,6 +118,7 @@ def main(argv=None) -> int:
           f"{', '.join('x'.join(map(str, s)) for s in check['sizes'])}")
   print(f"input uint8 RGB (N, H, W, 3), {meta['shape_constraints']} -> float32 logits "
         f"(N, H, W, {meta['num_classes']}); translation period {meta['translation_period']}")
+  print(f"compile: {compiles.counts().describe()} (cache {compilation.cache_dir() or 'off'})")
   return 0
 
 

@@ -194,9 +194,9 @@ def main(argv=None) -> int:
     _err(f"--overlap {overlap} must be smaller than --tile {args.tile[0]} {args.tile[1]}")
     return EXIT_USAGE
 
-  import jax
-  if args.compile_cache and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compile_cache))
+  from fcnjax import compilation
+  compilation.enable_persistent_cache(args.compile_cache)
+  compiles = compilation.CompileStats()
   from fcnjax.inference import images as images_lib
   from fcnjax.inference import loading, outputs
   from fcnjax.inference.predictor import AUTO_TILE_PIXELS, DEFAULT_BATCH_PIXELS, Predictor
@@ -253,6 +253,8 @@ def main(argv=None) -> int:
   print(f"predicted {done} images in {seconds:.1f} s ({rate:.2f} images/s), "
         f"{predictor.programs_compiled} programs compiled, {len(failures)} failures; outputs in "
         f"{out_dir}", flush=True)
+  print(f"compile: {compiles.counts().describe()} (cache {compilation.cache_dir() or 'off'})",
+        flush=True)
   for path, reason in failures:
     print(f"  skipped {reason}" if str(path) in reason else f"  skipped {path}: {reason}",
           flush=True)

@@ -196,10 +196,13 @@ def _check(exported, loaded, where) -> dict:
   """Run the artifact on this backend at :data:`CHECK_SIZES`; compare with ``loaded.model``."""
   rng = np.random.default_rng(0)
   worst, scale = 0.0, 0.0
+  from flax import nnx
+  reference = nnx.jit(lambda model, x: model(x))  # one program per size (eagerly: one per op)
   for n, h, w in CHECK_SIZES:
     images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
     got = np.asarray(exported.call(images))
-    want = np.asarray(loaded.model(jnp.asarray(loaded.preprocessing.fn(images))), np.float32)
+    want = np.asarray(reference(loaded.model, jnp.asarray(loaded.preprocessing.fn(images))),
+                      np.float32)
     if got.shape != want.shape:
       raise ExportError(f"{where}: the artifact gives shape {got.shape} for {images.shape}, the "
                         f"model {want.shape}")
