@@ -986,12 +986,15 @@ def report_compiles(run: Run, counts, wall_s: float, step: int) -> None:
   (persistent-cache load) apart, tracing + lowering apart, and ``waited_s``: the wall seconds
   the train and eval steps were blocked on a compile. Compiles overlap with each other and with
   training (:mod:`fcnjax.train.precompile`), so ``compile_s`` is work done, ``waited_s`` time
-  lost."""
-  waited = run.compiler.waited_s
+  lost. Without ahead-of-time compiles every program compiled inside the step that first used
+  it, so ``waited_s`` is then all of ``compile_s``."""
+  ahead = bool(run.compiler.jobs)
+  waited = run.compiler.waited_s if ahead else counts.total_s
   pct = lambda x: 100 * x / wall_s if wall_s > 0 else 0.0  # noqa: E731
   run.print(f"compile (whole run): {counts.describe()}; XLA {counts.cold_s + counts.warm_s:.1f} s "
-            f"= {pct(counts.cold_s + counts.warm_s):.1f} % of the run's {wall_s:.1f} s wall (on "
-            f"all threads); steps waited {waited:.1f} s for compiles ({pct(waited):.1f} %)")
+            f"= {pct(counts.cold_s + counts.warm_s):.1f} % of the run's {wall_s:.1f} s wall"
+            + (f" (on all threads); steps waited {waited:.1f} s for compiles ({pct(waited):.1f} %)"
+               if ahead else " (each program compiled at its first use, inside the steps)"))
   run.log.write({"kind": "compile", "step": int(step), "wall_s": wall_s,
                  "compile_s": counts.total_s, "waited_s": waited,
                  "precompile_wall_s": run.compiler.seconds,
