@@ -138,7 +138,8 @@ def test_a_run_compiles_each_bucket_once_ahead_of_time_and_trains_the_same(voc_r
   # one train-step program per bucket, compiled once (ahead of time; the loop reused it)
   assert rec["by_name"]["jit(train_step)"] == len(train_buckets) == 2
   assert rec["by_name"]["jit(eval_step)"] >= 1 and rec["step"] == 4
-  assert rec["waited_s"] >= 0 and rec["cold"] == rec["programs"] and rec["warm"] == 0
+  # the session-wide test cache may already hold some programs: each is cold or warm
+  assert rec["waited_s"] >= 0 and rec["cold"] + rec["warm"] == rec["programs"]
   off = train(_tiny(voc_root, precompile=False), tmp_path / "off")
   (rec_off,), recs_off = _compile_record(tmp_path / "off")
   assert rec_off["by_name"]["jit(train_step)"] == 2  # the same programs, at first use
