@@ -9,6 +9,9 @@ from fcnjax import models, weights
 from fcnjax.weights import layouts
 
 NAMES = ["fcn32s", "fcn16s", "fcn8s", "fcn8s-atonce", "fcn4s", "fcn2s", "vgg16"]
+RESNET_SEGMENTERS = ["fcn_resnet50", "fcn_resnet101", "d2l_fcn_resnet18", "d2l_fcn_resnet101v2",
+                     "fcn8s-resnet18", "fcn8s-resnet50"]
+RESNET_BACKBONES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet101v2"]
 
 
 def abstract(name, **kwargs):
@@ -17,15 +20,23 @@ def abstract(name, **kwargs):
 
 def test_names_and_descriptions():
   names = models.model_names()
-  assert list(names) == NAMES
+  assert list(names) == NAMES + RESNET_SEGMENTERS + RESNET_BACKBONES
   assert all(isinstance(d, str) and d and "\n" not in d for d in names.values())
-  assert list(models.MODELS) == NAMES[:-1]                 # MODELS: the FCNs, name -> constructor
+  # MODELS: the segmenters, name -> constructor
+  assert list(models.MODELS) == NAMES[:-1] + RESNET_SEGMENTERS
   assert all(models.MODELS[n] is models.SPECS[n].constructor for n in models.MODELS)
 
 
 def test_unknown_name_lists_the_known_ones():
   with pytest.raises(ValueError, match="unknown model 'fcn1s'.*fcn32s.*fcn8s-atonce.*vgg16"):
     models.build_model("fcn1s")
+
+
+@pytest.mark.parametrize("name", RESNET_SEGMENTERS + RESNET_BACKBONES)
+def test_each_resnet_spec_builds_and_names_itself(name):
+  model = abstract(name)
+  assert weights.model_name(model) == name
+  assert models.get_spec(name).is_segmenter == (name in RESNET_SEGMENTERS)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -198,6 +198,13 @@ def validate(cfg) -> None:
   if cfg.model.name not in models.MODELS:
     raise _bad("model.name", cfg.model.name,
                f"not a model; models: {', '.join(sorted(models.MODELS))}")
+  if models.SPECS[cfg.model.name].family == "resnet":
+    for key, default in (("model.aligned", False), ("model.batch_norm", False)):
+      if flat[key] != default:
+        raise _bad(key, flat[key], f"a VGG option; {cfg.model.name} is a ResNet model (no "
+                   "alignment needed, BatchNorm always on): leave it at its default")
+  if not (math.isfinite(cfg.loss.aux_weight) and cfg.loss.aux_weight >= 0):
+    raise _bad("loss.aux_weight", cfg.loss.aux_weight, "must be a number >= 0")
   mb = str(cfg.data.max_buckets)
   if mb != "auto" and not (mb.isdigit() and int(mb) >= 1):
     raise _bad("data.max_buckets", mb, "must be a positive integer (1, 2, ...) or 'auto'")

@@ -26,12 +26,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.preset = ""                        # the preset applied to it ('' = none)
 
   m = c.model = ml_collections.ConfigDict()
-  m.name = "fcn8s"                     # a name of fcnjax.models' registry (fcn32s ... fcn2s)
+  m.name = "fcn8s"                     # a name of fcnjax.models' registry (fcn32s ... fcn2s,
+                                       # fcn_resnet50, d2l_fcn_resnet18, fcn8s-resnet18, ...)
   m.num_classes = 0                    # 0: from the dataset (VOC: 21; folder: --classes or masks)
-  m.width_multiplier = 1.0             # scales every VGG16 width (1/8: a 2.1M-parameter FCN-8s)
+  m.width_multiplier = 1.0             # scales every backbone width (1/8: a 2.1M-parameter
+                                       # VGG FCN-8s)
   m.aligned = False                    # True: no pad-100, input padded to a multiple of 32
   m.learnable_upsampling = False       # the reference keeps the upsampling bilinear and fixed
   m.batch_norm = False                 # BatchNorm after every 3x3 conv (VGG16-BN; not reference)
+  m.frozen_batch_norm = False          # BN uses (and keeps) its running statistics in training
+                                       # too: fine-tuning at small per-device batches
+  m.aux_head = True                    # fcn_resnet50/101: build torchvision's auxiliary head
+                                       # on layer3 (trained with loss.aux_weight; unused at
+                                       # inference)
   m.precision = "fp32"                 # "fp32" or "bf16" (bf16 compute, fp32 params and loss)
   m.ops = "auto"                       # "auto" | "cpu" | "lax": CPU-friendly ops or plain lax
   m.init = ""                          # weights file to start from (fcnjax.weights.init_from)
@@ -84,6 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   lo.reduction = "mean"                # "mean" over valid pixels, or "sum" (the reference)
   lo.class_weights = ()                # per-class weights of the cross-entropy; () = all 1
   lo.dice_weight = 0.0                 # > 0 adds this times the soft Dice loss (small objects)
+  lo.aux_weight = 0.5                  # weight of the aux head's cross-entropy (models with one)
 
   t = c.train = ml_collections.ConfigDict()
   t.epochs = 1                         # passes over the training set

@@ -1,7 +1,9 @@
 """FCN models and their building blocks (Flax NNX, NHWC).
 
 Named architectures come from one table, :mod:`fcnjax.models.registry`: ``build_model(name,
-...)``, ``MODELS`` (FCN name -> constructor), ``model_names()`` (name -> description).
+...)``, ``MODELS`` (segmentation model name -> constructor), ``model_names()`` (name ->
+description). VGG16 FCNs (:mod:`~fcnjax.models.fcn`, :mod:`~fcnjax.models.vgg`) and ResNet
+models (:mod:`~fcnjax.models.resnet`, :mod:`~fcnjax.models.resnet_fcn`).
 """
 
 from fcnjax.models.cpu_ops import OPS, resolve_ops
@@ -13,6 +15,10 @@ from fcnjax.models.layers import (BilinearUpsample, ConvBlock, FixedKernel, Scor
                                   transposed_conv)
 from fcnjax.models.registry import (MODELS, SPECS, ModelSpec, build_model, fcn2s, fcn4s, fcn8s,
                                     fcn8s_atonce, fcn16s, fcn32s, get_spec, model_names)
+from fcnjax.models.resnet import PreActResNet, ResNet, resnet
+from fcnjax.models.resnet_fcn import (D2LFCN, FCNHead, TorchvisionFCN, d2l_fcn_resnet18,
+                                      d2l_fcn_resnet101v2, fcn_resnet, fcn_resnet50,
+                                      fcn_resnet101, resize_bilinear)
 from fcnjax.models.vgg import VGG, vgg16
 
 __all__ = [
@@ -21,5 +27,7 @@ __all__ = [
     "bilinear_kernel", "conv_general_dilated_for", "crop", "fuse", "max_pool_2x2",
     "max_pool_2x2_cpu", "max_pool_2x2_for", "transposed_conv", "MODELS", "SPECS", "ModelSpec",
     "build_model", "fcn2s", "fcn4s", "fcn8s", "fcn8s_atonce", "fcn16s", "fcn32s", "get_spec",
-    "model_names", "VGG", "vgg16",
+    "model_names", "VGG", "vgg16", "PreActResNet", "ResNet", "resnet", "D2LFCN", "FCNHead",
+    "TorchvisionFCN", "d2l_fcn_resnet18", "d2l_fcn_resnet101v2", "fcn_resnet", "fcn_resnet50",
+    "fcn_resnet101", "resize_bilinear",
 ]

@@ -33,7 +33,8 @@ class FCN(nnx.Module):
   """An FCN head on a backbone.
 
   Args:
-    backbone: a module following the backbone protocol of :mod:`fcnjax.models.vgg`.
+    backbone: a module following the backbone protocol of :mod:`fcnjax.models.vgg` (VGG16, or
+      a ResNet of :mod:`fcnjax.models.resnet`, whose skips are ``layer3``, ``layer2``, ...).
     num_classes: number of output classes (21 for VOC).
     skips: skip stages from coarse to fine, e.g. ``("pool4", "pool3")`` for FCN-8s.
     skip_scales: optional fixed input scale per skip (at-once FCN-8s: ``(0.01, 0.0001)``).
@@ -73,12 +74,23 @@ class FCN(nnx.Module):
     self.upscore_names = tuple(f"upscore_{s}" for s in ("fr",) + skips)
     aligned = backbone.input_multiple > 1
 
-    def upsampler(factor_fraction):
+    def upsampler(current, target):
+      """The upsampling from grid ``current`` to ``target``'s scale, and the crop offset.
+
+      The paper's even bilinear kernel where it aligns the grids to a whole pixel (VGG);
+      otherwise the centred odd one (grids centred on the image, as ResNet's)."""
+      factor_fraction = target.scale / current.scale
       if factor_fraction.denominator != 1 or factor_fraction < 1:
         raise ValueError(f"stages are not an integer upsampling factor apart: {factor_fraction}")
       f = int(factor_fraction)
-      return BilinearUpsample(num_classes, f, padding=f // 2 if aligned else 0,
-                              learnable=learnable_upsampling, rngs=rngs)
+      for centered in (False, True):
+        up = BilinearUpsample(num_classes, f, padding=f // 2 if aligned else 0,
+                              learnable=learnable_upsampling, centered=centered, rngs=rngs)
+        try:
+          return up, geometry.crop_offset(target, current.then(up.coord_map()))
+        except ValueError:
+          continue
+      raise ValueError(f"no bilinear upsampling by {f} aligns grid {current} with {target}")
 
     final = backbone.final_stage
     self.score_fr = ScoreHead(backbone.feature_channels[final], num_classes,
@@ -87,18 +99,23 @@ class FCN(nnx.Module):
     current = backbone.coord_maps[final]
     for name, scale in zip(skips, skip_scales):
       target = backbone.coord_maps[name]
-      up = upsampler(target.scale / current.scale)
-      current = current.then(up.coord_map())
-      offsets.append(geometry.crop_offset(target, current))
+      up, offset = upsampler(current, target)
+      # offset >= 0: the skip's map is cropped and the fused map is the upsampled grid; < 0:
+      # the upsampled map is cropped to the skip's grid (layers.fuse)
+      current = current.then(up.coord_map()) if offset >= 0 else target
+      offsets.append(offset)
       ups.append(up)
       heads.append(ScoreHead(backbone.feature_channels[name], num_classes, input_scale=scale,
                              zero_init=zero_init_scores, dtype=dtype, ops=self.ops, rngs=rngs))
     self.score_skips = nnx.List(heads)
     self.upscore_skips = nnx.List(ups)
-    self.upscore_final = upsampler(1 / current.scale)
+    self.upscore_final, neg_offset = upsampler(current, geometry.IDENTITY)
     current = current.then(self.upscore_final.coord_map())
     self.skip_offsets = tuple(offsets)
-    self.final_offset = geometry.crop_offset(current, geometry.IDENTITY)
+    self.final_offset = -neg_offset
+    if self.final_offset < 0:
+      raise ValueError(f"the final upsampled map starts inside the image (offset "
+                       f"{self.final_offset}); this backbone's geometry cannot be cropped")
 
   @property
   def output_stride(self) -> int:

@@ -213,22 +213,30 @@ class ScoreHead(nnx.Module):
     return self.conv(x)
 
 
-def bilinear_kernel_1d(factor: int) -> np.ndarray:
-  """The 1-D bilinear interpolation kernel of size ``2 * factor`` (Caffe's ``upsample_filt``)."""
+def bilinear_kernel_1d(factor: int, centered: bool = False) -> np.ndarray:
+  """The 1-D bilinear interpolation kernel of size ``2 * factor`` (Caffe's ``upsample_filt``).
+
+  ``centered=True``: the odd kernel of size ``2 * factor - 1`` (centre ``factor - 1``: linear
+  interpolation between samples ``factor`` apart whose grid puts input pixel ``i`` exactly on
+  output pixel ``factor * i``), stored with a trailing zero tap so that it has the same size
+  and the same fast implementation. For backbones whose maps are centred on the image grid
+  (every ResNet map is ``image / stride`` with shift 0), where the even kernel would leave the
+  maps half a pixel apart.
+  """
   size = 2 * factor
-  center = factor - 0.5
+  center = factor - 1 if centered else factor - 0.5
   og = np.arange(size, dtype=np.float64)
-  return (1 - np.abs(og - center) / factor).astype(np.float32)
+  return np.maximum(1 - np.abs(og - center) / factor, 0).astype(np.float32)
 
 
-def bilinear_kernel(factor: int, channels: int) -> np.ndarray:
+def bilinear_kernel(factor: int, channels: int, centered: bool = False) -> np.ndarray:
   """Per-class bilinear kernel, shape (2f, 2f, channels, channels), zero off the diagonal.
 
   Layout is (kh, kw, in, out) with *scatter* semantics (as torch's ConvTranspose2d and Caffe's
   Deconvolution): ``out[s*i + a] += x[i] * W[a]``. From torch weight ``(in, out, k, k)`` use
-  ``W.transpose(2, 3, 0, 1)``.
+  ``W.transpose(2, 3, 0, 1)``. ``centered``: see :func:`bilinear_kernel_1d`.
   """
-  k1 = bilinear_kernel_1d(factor)
+  k1 = bilinear_kernel_1d(factor, centered)
   w = np.zeros((2 * factor, 2 * factor, channels, channels), np.float32)
   w[:, :, np.arange(channels), np.arange(channels)] = np.outer(k1, k1)[:, :, None]
   return w
@@ -275,20 +283,22 @@ def transposed_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int =
   return y[:, padding:y.shape[1] - padding, padding:y.shape[2] - padding, :]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def bilinear_upsample_1d(x: jax.Array, factor: int, axis: int, padding: int = 0) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def bilinear_upsample_1d(x: jax.Array, factor: int, axis: int, padding: int = 0,
+                         centered: bool = False) -> jax.Array:
   """Fixed bilinear transposed conv (kernel 2s, stride s) along one axis, per channel.
 
   ``out[s*q + r] = x[q] * k[r] + x[q - 1] * k[r + s]`` (sub-pixel form of the scatter, with
   ``x[-1] = x[H] = 0``): elementwise work only, exact to float rounding. Length H -> (H + 1) s - 2p.
 
   Forward and backward are written as sums of ``s`` scalar-weighted slices, so XLA fuses each
-  into one elementwise pass. (Differentiating the broadcast-multiply form made XLA:CPU
+  into one elementwise pass; ``centered`` picks the kernel (:func:`bilinear_kernel_1d`).
+  (Differentiating the broadcast-multiply form made XLA:CPU
   materialise the kernel broadcast to the full (N, H+1, s, W, C) shape in both passes; its cost
   is in ``benchmarks/RESULTS.md``.) The backward is the matching 1-D "downsample":
   ``dx[q] = sum_r g[s*q + r] k[r] + sum_r g[s*(q+1) + r] k[r + s]``.
   """
-  k1 = bilinear_kernel_1d(factor)
+  k1 = bilinear_kernel_1d(factor, centered)
   pad = [(0, 0)] * x.ndim
   pad[axis] = (1, 1)
   xp = jnp.pad(x, pad)
@@ -304,12 +314,12 @@ def bilinear_upsample_1d(x: jax.Array, factor: int, axis: int, padding: int = 0)
   return jax.lax.slice_in_dim(y, padding, h1 * factor - padding, axis=axis)
 
 
-def _upsample_fwd(x, factor, axis, padding):
-  return bilinear_upsample_1d(x, factor, axis, padding), x.shape[axis]
+def _upsample_fwd(x, factor, axis, padding, centered):
+  return bilinear_upsample_1d(x, factor, axis, padding, centered), x.shape[axis]
 
 
-def _upsample_bwd(factor, axis, padding, h, g):
-  k1 = bilinear_kernel_1d(factor)
+def _upsample_bwd(factor, axis, padding, centered, h, g):
+  k1 = bilinear_kernel_1d(factor, centered)
   pad = [(0, 0)] * g.ndim
   pad[axis] = (padding, padding)
   g = jnp.pad(g, pad)                                                 # (..., (H+1) s, ...)
@@ -337,34 +347,38 @@ class BilinearUpsample(nnx.Module):
   ``nnx.Param`` (Caffe's Deconvolution layout, no bias).
 
   ``padding`` is the torch/Caffe padding: 0 (the reference, output ``(H - 1) s + 2s``) or
-  ``s // 2`` (output ``s H`` exactly, used by the aligned variant).
+  ``s // 2`` (output ``s H`` exactly, used by the aligned variant). ``centered=True`` uses the
+  odd bilinear kernel of :func:`bilinear_kernel_1d` (for centred grids such as ResNet's; its
+  coordinate map is that of a ``2s - 1`` kernel).
   Input (N, H, W, C) -> (N, (H - 1) s + 2s - 2p, (W - 1) s + 2s - 2p, C).
   """
 
   def __init__(self, channels: int, factor: int, *, padding: int = 0, learnable: bool = False,
-               rngs: nnx.Rngs | None = None):
+               centered: bool = False, rngs: nnx.Rngs | None = None):
     if factor < 1 or int(factor) != factor:
       raise ValueError(f"upsampling factor must be a positive integer, got {factor}")
     self.channels = channels
     self.factor = int(factor)
     self.padding = int(padding)
     self.learnable = learnable
+    self.centered = bool(centered)
     if learnable:
-      self.kernel = nnx.Param(jnp.asarray(bilinear_kernel(self.factor, channels)))
+      self.kernel = nnx.Param(jnp.asarray(bilinear_kernel(self.factor, channels, centered)))
 
   @property
   def kernel_size(self) -> int:
     return 2 * self.factor
 
   def coord_map(self) -> geometry.CoordMap:
-    return geometry.deconv_map(self.kernel_size, self.factor, self.padding)
+    k = self.kernel_size - 1 if self.centered else self.kernel_size
+    return geometry.deconv_map(k, self.factor, self.padding)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.learnable:
       return transposed_conv(x, self.kernel[...], self.factor, self.padding)
     # The reference's fixed kernel is bilinear per class (diagonal, separable): two 1-D passes.
-    x = bilinear_upsample_1d(x, self.factor, axis=1, padding=self.padding)
-    return bilinear_upsample_1d(x, self.factor, axis=2, padding=self.padding)
+    x = bilinear_upsample_1d(x, self.factor, 1, self.padding, self.centered)
+    return bilinear_upsample_1d(x, self.factor, 2, self.padding, self.centered)
 
 
 def crop(x: jax.Array, offset: int, height: int, width: int) -> jax.Array:
@@ -382,5 +396,12 @@ def crop(x: jax.Array, offset: int, height: int, width: int) -> jax.Array:
 
 
 def fuse(upsampled: jax.Array, skip_scores: jax.Array, offset: int) -> jax.Array:
-  """Skip fusion: crop ``skip_scores`` at ``offset`` to ``upsampled``'s H×W and add."""
+  """Skip fusion: crop ``skip_scores`` at ``offset`` to ``upsampled``'s H×W and add.
+
+  A negative ``offset`` means the upsampled map is the larger one (centred grids such as
+  ResNet's, where the skip's map starts at the image origin): ``upsampled`` is cropped at
+  ``-offset`` to ``skip_scores``' H×W instead.
+  """
+  if offset < 0:
+    return crop(upsampled, -offset, skip_scores.shape[1], skip_scores.shape[2]) + skip_scores
   return upsampled + crop(skip_scores, offset, upsampled.shape[1], upsampled.shape[2])

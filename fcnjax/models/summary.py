@@ -1,4 +1,4 @@
-"""A per-layer summary of an FCN (layer, output shape, parameters) at a given input size.
+"""A per-layer summary of a segmentation model (layer, output shape, parameters) at a size.
 
 The rows are the model's own named intermediates (``model(x, return_intermediates=True)``), in
 the order its forward computes them, so the table shows what the forward does. Shapes come from
@@ -26,6 +26,8 @@ def _label(model: FCN, name: str, modules) -> str:
   """The row label: the intermediate's name, annotated with what the forward did there."""
   if name == "pad":
     return f"pad to multiple of {model.backbone.input_multiple}"
+  if not isinstance(model, FCN):
+    return name
   if name == "crop":
     return f"crop {model.final_offset}"
   if name.startswith("fuse_"):
@@ -76,8 +78,9 @@ def main(argv=None):
   model = nnx.eval_shape(lambda: build_model(a.model, a.num_classes,
                                              width_multiplier=a.width_multiplier,
                                              aligned=a.aligned))
-  print(f"{a.model}{' (aligned)' if a.aligned else ''}, input {a.size[0]}x{a.size[1]}, "
-        f"crop offsets {model.skip_offsets} final {model.final_offset}")
+  crops = (f", crop offsets {model.skip_offsets} final {model.final_offset}"
+           if isinstance(model, FCN) else "")
+  print(f"{a.model}{' (aligned)' if a.aligned else ''}, input {a.size[0]}x{a.size[1]}{crops}")
   print(format_table(layer_table(model, *a.size), count_params(model)))
 
 

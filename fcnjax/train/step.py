@@ -53,6 +53,7 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation):
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, reduction: str = "mean",
                     class_weights=None, dice_weight: float = 0.0, dice_classes: str = "all",
+                    aux_weight: float = 0.0, frozen_batch_norm: bool = False,
                     state_sharding=None, batch_sharding=None):
   """A jitted ``train_step(state, batch) -> (state, metrics)``.
 
@@ -62,9 +63,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, reduction: st
   with ``reduction="sum"`` the CE is larger by the number of valid pixels and ``dice_weight``
   must be scaled to match.
 
+  ``aux_weight > 0`` (a model with an auxiliary head, torchvision's FCN-ResNet: ``model(x,
+  return_aux=True) -> (logits, aux_logits)``) adds ``aux_weight`` times the same cross-entropy
+  of the aux logits (torchvision's recipe: 0.5). ``frozen_batch_norm``: BatchNorm layers use
+  their running statistics in training too and never update them (fine-tuning at small
+  per-device batches); their scale and bias are still learnt.
+
+  BatchNorm statistics in training are over the **global** batch: under a mesh the batch is one
+  sharded array and XLA reduces across devices (SyncBN semantics; a size bucket's padding
+  pixels are part of the batch they are computed over).
+
   ``metrics``: float32 scalars ``loss`` (the total that was differentiated), ``valid_pixels``,
-  ``grad_norm`` (global L2 norm of the gradients, before the optimizer), and with Dice on also
-  ``ce`` and ``dice`` (the two terms, unweighted). ``state_sharding`` / ``batch_sharding``:
+  ``grad_norm`` (global L2 norm of the gradients, before the optimizer), with Dice on also
+  ``ce`` and ``dice`` (the two terms, unweighted), with the aux head ``aux_ce``.
+  ``state_sharding`` / ``batch_sharding``:
   optional shardings (replicated state, batch over ``"data"``); without them jit follows the
   inputs' shardings.
   """
@@ -72,20 +84,32 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, reduction: st
     raise ValueError(f"dice_weight must be >= 0, got {dice_weight}")
   if dice_classes not in ("all", "foreground"):
     raise ValueError(f"dice_classes must be 'all' or 'foreground', got {dice_classes!r}")
+  if aux_weight < 0:
+    raise ValueError(f"aux_weight must be >= 0, got {aux_weight}")
   use_dice = dice_weight > 0
 
   def train_step(state: TrainState, batch):
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state.rest, copy=True)
       model.train()
-      logits = model(batch["image"])
+      if frozen_batch_norm:
+        freeze_batch_norm(model)
+      if aux_weight > 0:
+        logits, aux_logits = model(batch["image"], return_aux=True)
+      else:
+        logits = model(batch["image"])
       ce, valid = segmentation_loss(logits, batch["label"], batch["mask"],
                                     reduction=reduction, class_weights=class_weights)
       terms = {"valid_pixels": valid}
       loss = ce
+      if aux_weight > 0:
+        aux_ce, _ = segmentation_loss(aux_logits, batch["label"], batch["mask"],
+                                      reduction=reduction, class_weights=class_weights)
+        loss = loss + aux_weight * aux_ce
+        terms["aux_ce"] = aux_ce
       if use_dice:
         dice = dice_loss(logits, batch["label"], batch["mask"], classes=dice_classes)
-        loss = ce + dice_weight * dice
+        loss = loss + dice_weight * dice
         terms.update(ce=ce, dice=dice)
       _, _, rest = split_model(model)
       return loss, (terms, rest)
@@ -101,6 +125,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, reduction: st
     kwargs["in_shardings"] = (state_sharding, batch_sharding)
     kwargs["out_shardings"] = (state_sharding, None)
   return jax.jit(train_step, donate_argnums=(0,), **kwargs)
+
+
+def freeze_batch_norm(model: nnx.Module) -> None:
+  """Every ``nnx.BatchNorm`` of ``model`` normalises with (and keeps) its running statistics."""
+  for _, m in nnx.iter_modules(model):
+    if isinstance(m, nnx.BatchNorm):
+      m.use_running_average = True
+
+
+def has_batch_norm(model: nnx.Module) -> bool:
+  return any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_modules(model))
 
 
 def make_eval_step(graphdef):

@@ -1,6 +1,7 @@
 """Command line: ``python -m fcnjax.weights {convert,inspect}``.
 
-``convert SRC DST --layout {torchvision-vgg16,pytorch-fcn} [--model fcn8s] [--num-classes N]
+``convert SRC DST --layout {torchvision-vgg16,pytorch-fcn,torchvision-resnet,torchvision-fcn-resnet}
+[--model fcn8s] [--num-classes N]
 [--preprocessing caffe|torchvision]`` writes an fcnjax ``.safetensors`` (with metadata: layout,
 model, num_classes, preprocessing, ...) that ``fcnjax.weights.load(DST)`` reads back directly.
 
@@ -41,6 +42,19 @@ def _inspect(path) -> int:
       print(f"model: {layouts.infer_pytorch_fcn_model(tensors, path)}")
     except LayoutError as e:
       print(f"model: ? ({e})")
+  if layout in (layouts.TORCHVISION_RESNET, layouts.TORCHVISION_FCN_RESNET):
+    from fcnjax.weights.api import _torchvision_resnet_spec
+    from fcnjax.weights.errors import WeightsError
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    learnable = sum(int(np.prod(v.shape)) for k, v in tensors.items() if not k.endswith(stats))
+    print(f"learnable parameters (without BatchNorm statistics): {learnable:,}")
+    try:
+      spec = _torchvision_resnet_spec(tensors, layout, None, None)
+      extra = (f", {spec['num_classes']} classes, aux head {'yes' if spec['aux'] else 'no'}"
+               if "aux" in spec else "")
+      print(f"model: {spec['name']} (width x{spec['width_multiplier']:g}{extra})")
+    except WeightsError as e:
+      print(f"model: ? ({e})")
   for k, v in sorted(metadata.items()):
     print(f"metadata.{k}: {v}")
   return 0
@@ -53,12 +67,15 @@ def main(argv=None) -> int:
   c = sub.add_parser("convert", help="convert a torchvision / pytorch-fcn file to fcnjax")
   c.add_argument("src")
   c.add_argument("dst", help="output .safetensors")
-  c.add_argument("--layout", required=True, choices=["torchvision-vgg16", "pytorch-fcn"])
+  c.add_argument("--layout", required=True,
+                 choices=["torchvision-vgg16", "pytorch-fcn", "torchvision-resnet",
+                          "torchvision-fcn-resnet"])
   c.add_argument("--model", default=None,
-                 help="fcnjax model to build: vgg16 (default for ImageNet files), fcn32s, fcn16s, "
-                      "fcn8s, fcn8s-atonce (default: inferred from a pytorch-fcn FCN file)")
+                 help="fcnjax model to build: vgg16 / resnet18 ... (default for ImageNet files), "
+                      "fcn32s, fcn16s, fcn8s, fcn8s-atonce, fcn_resnet50, d2l_fcn_resnet18, ... "
+                      "(default: inferred from a pytorch-fcn or torchvision FCN-ResNet file)")
   c.add_argument("--num-classes", type=int, default=None,
-                 help="classes of the FCN built from an ImageNet VGG16 (default 21)")
+                 help="classes of the model built from an ImageNet backbone (default 21)")
   c.add_argument("--preprocessing", default=None, choices=["caffe", "torchvision"],
                  help="override the input convention recorded for the weights")
   i = sub.add_parser("inspect", help="keys, shapes, parameter count, inferred layout")

@@ -38,8 +38,9 @@ def _path_of(src):
 
 
 def _has_heads(tensors) -> bool:
-  """Whether a file has score/upsampling layers (an FCN file) or only a VGG16 backbone."""
-  return any(k.startswith(("score", "upscore")) for k in tensors)
+  """Whether a file has score/head layers (a segmentation model's file) or only a backbone."""
+  from fcnjax.weights.loading import HEAD_KEY_PREFIXES
+  return any(k.startswith(HEAD_KEY_PREFIXES) for k in tensors)
 
 
 def load_vgg16_imagenet(model, src, *, layout: str | None = None, preprocessing=None,
@@ -134,8 +135,28 @@ def init_from(src, model, *, reinit_scores: bool = False, preprocessing=None,
 # Model description (for metadata and for building a model from a file)
 
 
+def _resnet_model_name(model, bb) -> str:
+  from fcnjax.models import resnet as R
+  from fcnjax.models import resnet_fcn as RF
+  base = f"resnet{bb.depth}" + ("v2" if isinstance(bb, R.PreActResNet) else "")
+  if model is bb:
+    name = base
+  elif isinstance(model, RF.TorchvisionFCN):
+    name = f"fcn_{base}"
+  elif isinstance(model, RF.D2LFCN):
+    name = f"d2l_fcn_{base}"
+  else:
+    name = f"fcn8s-{base}" if tuple(getattr(model, "skips", ())) == ("layer3", "layer2") else ""
+  if name not in registry.SPECS:
+    raise WeightsError(f"no fcnjax model name for this {type(model).__name__} on {base}")
+  return name
+
+
 def model_name(model) -> str:
   """``"vgg16"`` for a bare backbone, else the model's name in :mod:`fcnjax.models.registry`."""
+  bb = L.resnet_of(model)
+  if bb is not None:
+    return _resnet_model_name(model, bb)
   if not L.is_fcn(model):
     return registry.BACKBONE
   scaled = bool(model.skips) and model.score_skips[0].input_scale is not None
@@ -147,6 +168,20 @@ def model_name(model) -> str:
 
 def describe(model) -> dict[str, str]:
   """Metadata that lets :func:`build_model` rebuild ``model``'s architecture."""
+  rb = L.resnet_of(model)
+  if rb is not None:
+    meta = {"format": L.FCNJAX, "format_version": FORMAT_VERSION, "model": model_name(model),
+            "width_multiplier": repr(float(rb.width_multiplier))}
+    if L.is_fcn(model):
+      meta["num_classes"] = str(model.num_classes)
+      if hasattr(model, "aux_classifier"):
+        meta["aux"] = str(model.aux_classifier is not None).lower()
+      if hasattr(model, "upscore_final"):
+        meta["learnable_upsampling"] = str(bool(model.upscore_final.learnable)).lower()
+    pre = getattr(model, "preprocessing", None)
+    if pre is not None:
+      meta["preprocessing"] = pre.name
+    return meta
   bb = L.backbone_of(model)
   conv1 = bb.blocks[0].convs[0].kernel
   meta = {"format": L.FCNJAX, "format_version": FORMAT_VERSION, "model": model_name(model),
@@ -207,12 +242,20 @@ def _spec_from_file(tensors, metadata, layout, path, model_override, num_classes
     if "model" not in metadata and not model_override:
       raise LayoutError("fcnjax file without metadata 'model'; pass model_name_override=... "
                         "(or a model)")
+    name = model_override or meta["model"]
+    if name in registry.SPECS and registry.SPECS[name].family == "resnet":
+      return dict(name=name, num_classes=num_classes or meta.get("num_classes", 21),
+                  width_multiplier=meta.get("width_multiplier", 1.0),
+                  learnable_upsampling=meta.get("learnable_upsampling", False),
+                  aux=meta.get("aux", True))
     return dict(
-        name=model_override or meta["model"],
+        name=name,
         num_classes=num_classes or meta.get("num_classes", 21),
         width_multiplier=meta.get("width_multiplier", 1.0), aligned=meta.get("aligned", False),
         pool=meta.get("pool", "ceil"),
         learnable_upsampling=meta.get("learnable_upsampling", False))
+  if layout in (L.TORCHVISION_RESNET, L.TORCHVISION_FCN_RESNET):
+    return _torchvision_resnet_spec(tensors, layout, model_override, num_classes)
   if layout == L.TORCHVISION_VGG16 or ("conv1_1.weight" not in tensors
                                        and "features.0.weight" in tensors):  # vgg16_from_caffe
     width = _width_from(tensors, "features.0.weight", layout)
@@ -231,6 +274,40 @@ def _spec_from_file(tensors, metadata, layout, path, model_override, num_classes
   learnable = any(not L.is_bilinear_deconv(tensors[k], BILINEAR_ATOL) for k in ups)
   return dict(name=name, num_classes=num_classes or file_classes, width_multiplier=width,
               learnable_upsampling=learnable)
+
+
+def _torchvision_resnet_spec(tensors, layout, model_override, num_classes) -> dict:
+  """The model a torchvision ResNet / FCN-ResNet state dict describes: depth from the number
+  of blocks per stage (and whether they are bottlenecks), width from ``conv1``, classes and the
+  aux head from ``classifier.4`` / ``aux_classifier.*``."""
+  from fcnjax.models import resnet as R
+  prefix = "backbone." if layout == L.TORCHVISION_FCN_RESNET else ""
+  width = _width_from(tensors, f"{prefix}conv1.weight", layout)
+  blocks = []
+  for i in range(1, 5):
+    idx = {int(k[len(f"{prefix}layer{i}."):].split(".", 1)[0]) for k in tensors
+           if k.startswith(f"{prefix}layer{i}.") and k[len(f"{prefix}layer{i}."):][:1].isdigit()}
+    blocks.append(len(idx))
+  bottleneck = f"{prefix}layer1.0.conv3.weight" in tensors
+  depth = next((d for d, n in R.DEPTHS.items()
+                if n == tuple(blocks) and R.BOTTLENECK[d] == bottleneck), None)
+  if depth is None:
+    raise LayoutError(f"a torchvision ResNet with {tuple(blocks)} blocks per stage "
+                      f"({'bottleneck' if bottleneck else 'basic'} blocks) is no known depth "
+                      f"({', '.join(f'ResNet-{d}: {n}' for d, n in R.DEPTHS.items())})")
+  if layout == L.TORCHVISION_RESNET:
+    return dict(name=model_override or f"resnet{depth}", num_classes=num_classes or 21,
+                width_multiplier=width)
+  file_classes = 21
+  if "classifier.4.weight" in tensors:
+    w = tensors["classifier.4.weight"]
+    if w.ndim != 4 or w.shape[0] < 1:
+      raise ShapeMismatchError("classifier.4.weight", "a 4-D conv weight (classes, in, 1, 1)",
+                               w.shape)
+    file_classes = int(w.shape[0])
+  return dict(name=model_override or f"fcn_resnet{depth}",
+              num_classes=num_classes or file_classes, width_multiplier=width,
+              aux=any(k.startswith("aux_classifier.") for k in tensors))
 
 
 def load(src, model=None, *, layout: str | None = None, model_name_override: str | None = None,
@@ -340,19 +417,22 @@ def convert(src, dst, *, layout: str, model: str | None = None, num_classes: int
             preprocessing=None) -> tuple[object, LoadReport]:
   """Convert a torchvision / pytorch-fcn file to an fcnjax ``.safetensors``.
 
-  ``model`` defaults to ``vgg16`` (backbone only) for ImageNet files and to the architecture
-  inferred from a pytorch-fcn FCN file's keys. Building an FCN from an ImageNet VGG16 file gives
+  ``model`` defaults to ``vgg16`` / ``resnetN`` (backbone only) for ImageNet files and to the
+  architecture inferred from a pytorch-fcn or torchvision FCN-ResNet file's keys (a ResNet
+  ImageNet file with ``model="d2l_fcn_resnet18"`` etc. gives that model with fresh heads). Building an FCN from an ImageNet VGG16 file gives
   zero score layers (``num_classes``, default 21). Returns ``(model, report)``.
 
   Errors about ``src`` start with ``"SRC: "``, a failed write with ``"DST: "``.
   """
-  if layout not in (L.TORCHVISION_VGG16, L.PYTORCH_FCN, L.FCNJAX):
+  if layout not in L.LAYOUTS:
     raise LayoutError(f"unknown layout {layout!r}; expected one of {L.LAYOUTS}")
   with about_file(_path_of(src)):
     tensors, metadata, path = _source(src)
     found = L.infer_layout(tensors, metadata)
     compatible = {L.TORCHVISION_VGG16: (L.TORCHVISION_VGG16,),
-                  L.PYTORCH_FCN: (L.PYTORCH_FCN, L.TORCHVISION_VGG16), L.FCNJAX: (L.FCNJAX,)}
+                  L.PYTORCH_FCN: (L.PYTORCH_FCN, L.TORCHVISION_VGG16), L.FCNJAX: (L.FCNJAX,),
+                  L.TORCHVISION_RESNET: (L.TORCHVISION_RESNET,),
+                  L.TORCHVISION_FCN_RESNET: (L.TORCHVISION_FCN_RESNET,)}
     if found not in compatible[layout]:
       raise LayoutError(f"asked for layout {layout!r} but the keys look like {found!r}")
     spec = _model_from_file(tensors, metadata, found, path, model, num_classes)

@@ -18,6 +18,17 @@ Layouts:
   ``score_pool3`` ``(C, in, 1, 1)``; transposed convs ``(C, C, k, k)``, no bias: ``upscore``
   (FCN-32s, k64), ``upscore2`` + ``upscore16`` (FCN-16s), ``upscore2`` + ``upscore_pool4`` +
   ``upscore8`` (FCN-8s and at-once FCN-8s).
+``torchvision-resnet``
+  torchvision's ImageNet ResNet (``conv1.weight``, ``bn1.{weight,bias,running_mean,
+  running_var}``, ``layer1.0.conv1.weight``, …, ``layerN.0.downsample.{0,1}.*``; ``fc.*``
+  dropped, ``*.num_batches_tracked`` ignored) into a ResNet backbone or the backbone of any
+  fcnjax ResNet model (the d2l FCN, torchvision's FCN-ResNet, FCN-8s on ResNet). BatchNorm
+  ``weight`` / ``bias`` / ``running_mean`` / ``running_var`` become ``scale`` / ``bias`` /
+  ``mean`` / ``var``.
+``torchvision-fcn-resnet``
+  torchvision's ``segmentation.fcn_resnet50/101`` (``backbone.*`` as above, ``classifier.{0,1,4}``
+  = the FCNHead's 3×3 conv, BN and 1×1 conv, ``aux_classifier.*`` likewise; an aux head in the
+  file is ignored, and reported, when the model has none).
 ``fcnjax``
   fcnjax's own: the model's parameter paths, fcnjax shapes (HWIO), written by
   :func:`fcnjax.weights.save` with metadata.
@@ -33,13 +44,16 @@ import numpy as np
 from flax import nnx
 
 from fcnjax.models import registry
+from fcnjax.models import resnet as resnet_lib
 from fcnjax.models.vgg import VGG
 from fcnjax.weights.errors import LayoutError
 
 TORCHVISION_VGG16 = "torchvision-vgg16"
 PYTORCH_FCN = "pytorch-fcn"
+TORCHVISION_RESNET = "torchvision-resnet"
+TORCHVISION_FCN_RESNET = "torchvision-fcn-resnet"
 FCNJAX = "fcnjax"
-LAYOUTS = (TORCHVISION_VGG16, PYTORCH_FCN, FCNJAX)
+LAYOUTS = (TORCHVISION_VGG16, PYTORCH_FCN, TORCHVISION_RESNET, TORCHVISION_FCN_RESNET, FCNJAX)
 
 # Rule kinds: how a file tensor becomes the fcnjax parameter.
 IDENTITY = "identity"        # same array (biases; fcnjax files)
@@ -50,9 +64,11 @@ DECONV = "deconv"            # (in, out, k, k) -> (k, k, in, out), no flip
 BILINEAR_DECONV = "bilinear-deconv"  # torch-layout kernel only checked to be bilinear
 BILINEAR_HWIO = "bilinear-hwio"      # fcnjax-layout kernel only checked to be bilinear
 
-# Rule groups: backbone (conv1_1 … fc7), score_fr, skip score heads, upsampling kernels.
-BACKBONE, SCORE_FR, SKIP, UPSCORE = "backbone", "score_fr", "skip", "upscore"
-HEAD_GROUPS = (SCORE_FR, SKIP, UPSCORE)
+# Rule groups: backbone (conv1_1 … fc7, or a ResNet), score_fr (the layer whose output count is
+# the class count: also a ResNet model's final classifier conv), skip score heads, upsampling
+# kernels, and the other head layers of ResNet models (an FCNHead's 3x3 conv / BN, the aux head).
+BACKBONE, SCORE_FR, SKIP, UPSCORE, HEAD = "backbone", "score_fr", "skip", "upscore", "head"
+HEAD_GROUPS = (SCORE_FR, SKIP, UPSCORE, HEAD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +98,23 @@ def backbone_of(model: nnx.Module) -> VGG:
   return bb
 
 
+def is_backbone(model: nnx.Module) -> bool:
+  """A bare backbone (VGG or ResNet), not a segmentation model."""
+  return isinstance(model, (VGG, resnet_lib.ResNet, resnet_lib.PreActResNet))
+
+
 def is_fcn(model: nnx.Module) -> bool:
-  return not isinstance(model, VGG)
+  """A segmentation model (it has score layers and ``num_classes``), not a bare backbone."""
+  return not is_backbone(model)
+
+
+def resnet_of(model: nnx.Module):
+  """The ResNet backbone of a ResNet model, or ``model`` itself if it is one; ``None`` for a
+  VGG model."""
+  if isinstance(model, (resnet_lib.ResNet, resnet_lib.PreActResNet)):
+    return model
+  bb = getattr(model, "backbone", None)
+  return bb if isinstance(bb, (resnet_lib.ResNet, resnet_lib.PreActResNet)) else None
 
 
 def _key(path) -> str:
@@ -92,7 +123,7 @@ def _key(path) -> str:
 
 def flat_variables(model: nnx.Module, types=(nnx.Param, nnx.BatchStat)) -> dict[str, nnx.Variable]:
   """``{canonical key: Variable}``; keys are FCN-relative (a bare VGG's get a ``backbone.`` prefix)."""
-  prefix = "backbone." if isinstance(model, VGG) else ""
+  prefix = "backbone." if is_backbone(model) else ""
   out = {}
   for path, var in nnx.graph.iter_graph(model):
     if isinstance(var, nnx.Variable) and isinstance(var, tuple(types)):
@@ -183,11 +214,75 @@ def pytorch_fcn_rules(model) -> list[Rule]:
 def group_of_fcnjax_key(key: str) -> str:
   if key.startswith("backbone."):
     return BACKBONE
-  if key.startswith("score_fr."):
+  if key.startswith(("score_fr.", "classifier.classifier.", "final_conv.")):
     return SCORE_FR
   if key.startswith("score_skips."):
     return SKIP
+  if key.startswith(("classifier.", "aux_classifier.")):
+    return HEAD
   return UPSCORE
+
+
+# -- torchvision ResNets ------------------------------------------------------------------------
+_BN = (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"), ("running_var", "var"))
+
+
+def _bn_rules(src: str, dst: str, group: str) -> list[Rule]:
+  return [Rule(f"{src}.{a}", f"{dst}.{b}", IDENTITY, group) for a, b in _BN]
+
+
+def torchvision_resnet_rules(model, prefix: str = "") -> list[Rule]:
+  """Rules for torchvision's ResNet keys (``prefix`` ``"backbone."`` inside a segmentation
+  state dict) onto the model's ResNet backbone."""
+  bb = resnet_of(model)
+  if not isinstance(bb, resnet_lib.ResNet):
+    raise LayoutError(f"the torchvision ResNet layouts need a model with a torchvision-"
+                      f"structured ResNet backbone; got {type(model).__name__}")
+  rules = [Rule(f"{prefix}conv1.weight", "backbone.conv1.kernel", CONV, BACKBONE),
+           *_bn_rules(f"{prefix}bn1", "backbone.bn1", BACKBONE)]
+  for i, stage in enumerate(bb.stages()):
+    for j, block in enumerate(stage):
+      src, dst = f"{prefix}layer{i + 1}.{j}", f"backbone.layer{i + 1}.{j}"
+      n = 3 if isinstance(block, resnet_lib.Bottleneck) else 2
+      for c in range(1, n + 1):
+        rules += [Rule(f"{src}.conv{c}.weight", f"{dst}.conv{c}.kernel", CONV, BACKBONE),
+                  *_bn_rules(f"{src}.bn{c}", f"{dst}.bn{c}", BACKBONE)]
+      if block.downsample is not None:
+        rules += [Rule(f"{src}.downsample.0.weight", f"{dst}.downsample.0.kernel", CONV,
+                       BACKBONE),
+                  *_bn_rules(f"{src}.downsample.1", f"{dst}.downsample.1", BACKBONE)]
+  return rules
+
+
+def _fcn_head_rules(src: str, dst: str, final_group: str) -> list[Rule]:
+  return [Rule(f"{src}.0.weight", f"{dst}.conv.kernel", CONV, HEAD),
+          *_bn_rules(f"{src}.1", f"{dst}.bn", HEAD),
+          Rule(f"{src}.4.weight", f"{dst}.classifier.kernel", CONV, final_group),
+          Rule(f"{src}.4.bias", f"{dst}.classifier.bias", IDENTITY, final_group)]
+
+
+def torchvision_fcn_resnet_rules(model) -> list[Rule]:
+  """Rules for torchvision's ``fcn_resnet50/101`` state dicts (backbone, classifier, aux)."""
+  from fcnjax.models.resnet_fcn import TorchvisionFCN
+  rules = torchvision_resnet_rules(model, prefix="backbone.")
+  if isinstance(model, TorchvisionFCN):
+    rules += _fcn_head_rules("classifier", "classifier", SCORE_FR)
+    if model.aux_classifier is not None:
+      rules += _fcn_head_rules("aux_classifier", "aux_classifier", HEAD)
+  return rules
+
+
+def torchvision_ignored(file_keys: Iterable[str], layout: str, model) -> tuple[str, ...]:
+  """File keys a torchvision ResNet layout drops on purpose: ``num_batches_tracked``, the
+  ImageNet ``fc``, and an aux head the model does not have."""
+  from fcnjax.models.resnet_fcn import TorchvisionFCN
+  aux = isinstance(model, TorchvisionFCN) and model.aux_classifier is not None
+  out = []
+  for k in file_keys:
+    if (k.endswith("num_batches_tracked") or k in ("fc.weight", "fc.bias")
+        or (k.startswith("aux_classifier.") and not aux)):
+      out.append(k)
+  return tuple(out)
 
 
 def fcnjax_rules(model, file_keys: Iterable[str] = ()) -> list[Rule]:
@@ -204,7 +299,7 @@ def fcnjax_rules(model, file_keys: Iterable[str] = ()) -> list[Rule]:
     group = group_of_fcnjax_key(key)
     rules.append(Rule(key, key, IDENTITY, group,
                       optional=(group == UPSCORE and not file_has_upscore)))
-  if is_fcn(model):
+  if is_fcn(model) and hasattr(model, "upscore_final"):
     for path, up in upsamplers(model):
       if not up.learnable:
         rules.append(Rule(f"{path}.kernel", None, BILINEAR_HWIO, UPSCORE, factor=up.factor,
@@ -220,6 +315,10 @@ def rules_for(layout: str, model, file_keys: Iterable[str] = ()) -> tuple[list[R
     if any(k.startswith("features.") for k in file_keys):  # pytorch-fcn's vgg16_from_caffe.pth
       return torchvision_vgg16_rules(model), TORCHVISION_IGNORED
     return pytorch_fcn_rules(model), ()
+  if layout == TORCHVISION_RESNET:
+    return torchvision_resnet_rules(model), torchvision_ignored(file_keys, layout, model)
+  if layout == TORCHVISION_FCN_RESNET:
+    return torchvision_fcn_resnet_rules(model), torchvision_ignored(file_keys, layout, model)
   if layout == FCNJAX:
     return fcnjax_rules(model, file_keys), ()
   raise LayoutError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
@@ -232,7 +331,12 @@ def rules_for(layout: str, model, file_keys: Iterable[str] = ()) -> tuple[list[R
 def infer_layout(keys: Iterable[str], metadata: Mapping[str, str] | None = None) -> str:
   """The layout of a file from its keys (and fcnjax metadata)."""
   keys = set(keys)
-  if (metadata or {}).get("format") == FCNJAX or any(k.startswith("backbone.") for k in keys):
+  fcnjax_file = (metadata or {}).get("format") == FCNJAX
+  if not fcnjax_file and "backbone.conv1.weight" in keys:
+    return TORCHVISION_FCN_RESNET
+  if not fcnjax_file and "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
+    return TORCHVISION_RESNET
+  if fcnjax_file or any(k.startswith("backbone.") for k in keys):
     return FCNJAX
   if any(k.startswith("features.") for k in keys):
     return TORCHVISION_VGG16
@@ -240,8 +344,9 @@ def infer_layout(keys: Iterable[str], metadata: Mapping[str, str] | None = None)
     return PYTORCH_FCN
   sample = ", ".join(sorted(keys)[:6])
   raise LayoutError(f"cannot infer the weight layout from keys ({sample}, ...); expected "
-                    f"torchvision VGG16 (features.N...), pytorch-fcn (conv1_1..., score_fr...) "
-                    "or an fcnjax file (backbone....)")
+                    f"torchvision VGG16 (features.N...), pytorch-fcn (conv1_1..., score_fr...), "
+                    "a torchvision ResNet (conv1, layer1.0...) or FCN-ResNet (backbone.conv1..., "
+                    "classifier...) or an fcnjax file (backbone....)")
 
 
 def infer_pytorch_fcn_model(keys: Iterable[str], path=None) -> str:

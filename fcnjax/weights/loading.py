@@ -66,6 +66,8 @@ def default_preprocessing(layout: str, metadata: Mapping[str, str], path) -> pp.
   if layout == L.TORCHVISION_VGG16:
     name = os.path.basename(os.fspath(path)).lower() if path is not None else ""
     return pp.CAFFE if "caffe" in name else pp.TORCHVISION
+  if layout in (L.TORCHVISION_RESNET, L.TORCHVISION_FCN_RESNET):
+    return pp.TORCHVISION
   return pp.CAFFE
 
 
@@ -123,8 +125,8 @@ def parse_fcnjax_metadata(metadata: Mapping[str, str]) -> dict:
   """The typed architecture entries of an fcnjax file's metadata (absent keys stay absent).
 
   ``model`` (str, a name of :mod:`fcnjax.models.registry`), ``num_classes`` (int ≥ 1),
-  ``width_multiplier`` (finite float > 0), ``aligned`` / ``learnable_upsampling`` (``"true"`` /
-  ``"false"`` -> bool) and ``pool`` (``"ceil"`` / ``"floor"``). A malformed value raises
+  ``width_multiplier`` (finite float > 0), ``aligned`` / ``learnable_upsampling`` / ``aux``
+  (``"true"`` / ``"false"`` -> bool) and ``pool`` (``"ceil"`` / ``"floor"``). A malformed value raises
   :class:`FormatError` ``"metadata 'NAME' is 'VALUE'; expected ..."`` with ``key
   "metadata.NAME"``.
   """
@@ -153,7 +155,7 @@ def parse_fcnjax_metadata(metadata: Mapping[str, str]) -> dict:
     if not (math.isfinite(w) and w > 0):
       raise _bad_metadata("width_multiplier", v, "a positive number")
     out["width_multiplier"] = w
-  for name in ("aligned", "learnable_upsampling"):
+  for name in ("aligned", "learnable_upsampling", "aux"):
     if name in metadata:
       if metadata[name] not in _BOOLS:
         raise _bad_metadata(name, metadata[name], "'true' or 'false'")
@@ -204,6 +206,8 @@ def file_geometry(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]
 
 def model_geometry(model) -> bool | None:
   """``True`` / ``False`` for an aligned / exact fcnjax VGG-backbone model, ``None`` otherwise."""
+  if L.resnet_of(model) is not None:
+    return None
   bb = L.backbone_of(model)
   aligned = getattr(bb, "aligned", None)
   return None if aligned is None else bool(aligned)
@@ -267,8 +271,13 @@ def _is_float(x: np.ndarray) -> bool:
   return bool(jnp.issubdtype(x.dtype, jnp.floating))
 
 
+HEAD_KEY_PREFIXES = ("score", "upscore", "classifier.", "aux_classifier.", "final_conv.",
+                     "transpose_conv.")
+"""File keys of score / head layers (every layout): what a backbone-only load skips."""
+
+
 def _is_head_key(key: str) -> bool:
-  return key.startswith(("score", "upscore"))
+  return key.startswith(HEAD_KEY_PREFIXES)
 
 
 def apply(model, tensors: Mapping[str, np.ndarray], layout: str, *, metadata=None, path=None,
