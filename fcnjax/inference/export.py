@@ -155,6 +155,10 @@ def lax_model(loaded):
   from fcnjax.models import build_model
 
   src, info = loaded.model, loaded.info
+  if "aligned" not in info or not hasattr(src.backbone, "blocks"):
+    raise ExportError(f"{info.get('model')}: export supports the VGG16 FCNs only so far; the "
+                      "ResNet models (symbolic sizes through their BatchNorm / bilinear resize) "
+                      "are not exportable yet — predict with the workdir or weights file instead")
   bb = src.backbone
   try:
     abstract = nnx.eval_shape(lambda: build_model(  # the structure only: no random init

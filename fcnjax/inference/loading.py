@@ -162,7 +162,7 @@ def load_workdir(workdir, step: int | None = None) -> LoadedModel:
   from fcnjax import weights
   return LoadedModel(model, names, palette, model.preprocessing,
                      f"{workdir} ({kind} step {chosen}, {config.model.name}, "
-                     f"{'aligned' if config.model.aligned else 'exact'}, "
+                     f"{_geometry(weights.describe(model))}"
                      f"width x{config.model.width_multiplier:g})",
                      weights.describe(model))
 
@@ -175,8 +175,8 @@ def load_weights_file(path) -> LoadedModel:
   path = pathlib.Path(path)
   model = weights.load(path)
   if not layouts.is_fcn(model):
-    raise ModelLoadError(f"{path}: an ImageNet VGG16 backbone without score layers, not a "
-                         "segmentation model: train an FCN from it first (--init)")
+    raise ModelLoadError(f"{path}: a bare backbone (VGG16 / ResNet) without score layers, "
+                         "not a segmentation model: train a segmenter from it first (--init)")
   model.eval()
   _, metadata, _ = _source(path)
   names = palette = None
@@ -188,8 +188,15 @@ def load_weights_file(path) -> LoadedModel:
   info = weights.describe(model)
   return LoadedModel(model, _class_names(names, int(model.num_classes), str(path)),
                      _palette(palette, str(path)), model.preprocessing,
-                     f"{path} ({info['model']}, {'aligned' if info['aligned'] == 'true' else 'exact'}"
-                     f", width x{float(info['width_multiplier']):g})", info)
+                     f"{path} ({info['model']}, {_geometry(info)}"
+                     f"width x{float(info['width_multiplier']):g})", info)
+
+
+def _geometry(info) -> str:
+  """``"aligned, "`` / ``"exact, "`` for a VGG model's metadata; ``""`` for a ResNet model."""
+  if "aligned" not in info:
+    return ""
+  return "aligned, " if info["aligned"] == "true" else "exact, "
 
 
 def load_model(weights_path, *, step: int | None = None) -> LoadedModel:

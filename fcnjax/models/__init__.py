@@ -15,7 +15,7 @@ from fcnjax.models.layers import (BilinearUpsample, ConvBlock, FixedKernel, Scor
                                   transposed_conv)
 from fcnjax.models.registry import (MODELS, SPECS, ModelSpec, build_model, fcn2s, fcn4s, fcn8s,
                                     fcn8s_atonce, fcn16s, fcn32s, get_spec, model_names)
-from fcnjax.models.resnet import PreActResNet, ResNet, resnet
+from fcnjax.models.resnet import PreActResNet, ResNet
 from fcnjax.models.resnet_fcn import (D2LFCN, FCNHead, TorchvisionFCN, d2l_fcn_resnet18,
                                       d2l_fcn_resnet101v2, fcn_resnet, fcn_resnet50,
                                       fcn_resnet101, resize_bilinear)
@@ -27,7 +27,7 @@ __all__ = [
     "bilinear_kernel", "conv_general_dilated_for", "crop", "fuse", "max_pool_2x2",
     "max_pool_2x2_cpu", "max_pool_2x2_for", "transposed_conv", "MODELS", "SPECS", "ModelSpec",
     "build_model", "fcn2s", "fcn4s", "fcn8s", "fcn8s_atonce", "fcn16s", "fcn32s", "get_spec",
-    "model_names", "VGG", "vgg16", "PreActResNet", "ResNet", "resnet", "D2LFCN", "FCNHead",
+    "model_names", "VGG", "vgg16", "PreActResNet", "ResNet", "D2LFCN", "FCNHead",
     "TorchvisionFCN", "d2l_fcn_resnet18", "d2l_fcn_resnet101v2", "fcn_resnet", "fcn_resnet50",
     "fcn_resnet101", "resize_bilinear",
 ]
