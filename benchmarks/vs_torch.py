@@ -1,6 +1,8 @@
-"""fcnjax vs PyTorch, same machine: FCN-8s (VGG16, exact variant) forward and SGD train step.
+"""fcnjax vs PyTorch, same machine: FCN-8s (VGG16, exact variant) or torchvision's FCN-ResNet50,
+forward and SGD train step.
 
     python -m benchmarks.vs_torch                 # CPU fp32: full width 500×375 b1, ÷8 width 192×160 b8
+    python -m benchmarks.vs_torch --model fcn_resnet50  # CPU fp32: full width 320×240 b1, ÷8 192×160 b8
     python -m benchmarks.vs_torch --quick         # tiny model, 1 rep (a smoke test, < 30 s)
     python -m benchmarks.vs_torch --xla-flags ""  # without the XLA:CPU flag below
     python -m benchmarks.vs_torch --device gpu    # GPU bf16: VOC bucket shapes at batch 8 and 16
@@ -54,6 +56,8 @@ DEFAULT_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolut
 # name: (width_multiplier, batch, height, width)
 SHAPES = {"full-500x375-b1": (1.0, 1, 375, 500), "div8-192x160-b8": (1 / 8, 8, 160, 192)}
 QUICK_SHAPES = {"quick-div16-64x48-b2": (1 / 16, 2, 48, 64)}
+# fcn_resnet50 (dilated: layer3/4 at stride 8, several times FCN-8s' cost per pixel at ÷8 width)
+RESNET_SHAPES = {"r50-full-320x240-b1": (1.0, 1, 240, 320), "r50-div8-192x160-b8": (1 / 8, 8, 160, 192)}
 # K = 4 buckets of the VOC 2012 train sizes (H x W; plan_buckets(sizes, 4) -> 416 / 212 / 697 /
 # 137 images), at batch 8, and the two largest-count shapes at batch 16.
 GPU_SHAPES = {"voc-335x500-b8": (1.0, 8, 335, 500), "voc-500x375-b8": (1.0, 8, 500, 375),
@@ -127,7 +131,7 @@ def _cpu_model():
 
 
 def bench_shape(name, width_multiplier, batch, height, width, reps, num_classes=21, lr=1e-4,
-                score_init="zero", device="cpu", precision="fp32", warmup=1):
+                score_init="zero", device="cpu", precision="fp32", warmup=1, model="fcn8s"):
   import contextlib
 
   import jax
@@ -163,12 +167,26 @@ def bench_shape(name, width_multiplier, batch, height, width, reps, num_classes=
 
   # --- fcnjax; PyTorch gets the same weights ---
   t0 = time.perf_counter()
-  jmodel = models.fcn8s(num_classes, width_multiplier=width_multiplier,
-                        zero_init_scores=score_init == "zero",
-                        dtype=jnp.bfloat16 if bf16 else None, rngs=nnx.Rngs(0))
-  res["jax_init_s"] = time.perf_counter() - t0
-  tmodel = TorchFCN8s(num_classes, width_multiplier)
-  load_from_fcnjax(tmodel, jmodel)
+  res["model"] = model
+  if model == "fcn_resnet50":
+    from benchmarks.torch_resnet import (TorchFCNResNet50, numpy_state_dict,
+                                         randomise_batch_norm)
+    from fcnjax.weights import layouts
+    from fcnjax.weights.loading import apply
+    torch.manual_seed(0)
+    tmodel = TorchFCNResNet50(num_classes, width_multiplier)
+    randomise_batch_norm(tmodel)
+    jmodel = models.build_model("fcn_resnet50", num_classes, width_multiplier=width_multiplier,
+                                aux=False, dtype=jnp.bfloat16 if bf16 else None)
+    apply(jmodel, numpy_state_dict(tmodel), layouts.TORCHVISION_FCN_RESNET)
+    res["jax_init_s"] = time.perf_counter() - t0
+  else:
+    jmodel = models.fcn8s(num_classes, width_multiplier=width_multiplier,
+                          zero_init_scores=score_init == "zero",
+                          dtype=jnp.bfloat16 if bf16 else None, rngs=nnx.Rngs(0))
+    res["jax_init_s"] = time.perf_counter() - t0
+    tmodel = TorchFCN8s(num_classes, width_multiplier)
+    load_from_fcnjax(tmodel, jmodel)
 
   jmodel.eval()
   graphdef, params, rest = step_lib.split_model(jmodel)
@@ -322,6 +340,9 @@ def markdown(results, peak_tflops=None):
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="tiny model and size, 1 rep (smoke test)")
+  p.add_argument("--model", choices=("fcn8s", "fcn_resnet50"), default="fcn8s",
+                 help="fcn8s (VGG16, exact) or torchvision's fcn_resnet50 (dilated, no aux head; "
+                      "the PyTorch side is benchmarks/torch_resnet.py with torchvision's keys)")
   p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                  help="cpu (default; fp32, the shapes above) or gpu (bf16, VOC bucket shapes)")
   p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
@@ -387,7 +408,7 @@ def main(argv=None):
     p.error(f"--device gpu: JAX backend is {jax.default_backend()!r}, "
             f"torch.cuda.is_available() is {torch.cuda.is_available()}")
 
-  table_shapes = GPU_SHAPES if gpu else SHAPES
+  table_shapes = GPU_SHAPES if gpu else (RESNET_SHAPES if args.model == "fcn_resnet50" else SHAPES)
   shapes = QUICK_SHAPES if args.quick else table_shapes
   if args.shapes and not args.quick:
     unknown = sorted(set(args.shapes.split(",")) - set(table_shapes))
@@ -411,10 +432,11 @@ def main(argv=None):
           "torch": torch.__version__, "python": platform.python_version(),
           "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "reps": reps, "warmup": warmup,
           "quick": args.quick, "score_init": args.score_init, "loadavg_before": load,
+          "model": args.model,
           "command": " ".join(["python", "-m", "benchmarks.vs_torch", *(argv or sys.argv[1:])])}
   out = args.out
   if out is None and not args.quick:
-    suffix = "-gpu" if gpu else ""
+    suffix = ("-fcn_resnet50" if args.model == "fcn_resnet50" else "") + ("-gpu" if gpu else "")
     out = os.path.join("benchmarks", "results",
                        f"vs_torch-{datetime.date.today().isoformat()}{suffix}.json")
   results = []
@@ -422,7 +444,8 @@ def main(argv=None):
     print(f"[vs_torch] {name}: width ×{wm:g}, batch {b}, {w}×{h}, {precision} ...",
           file=sys.stderr, flush=True)
     results.append(bench_shape(name, wm, b, h, w, reps, score_init=args.score_init,
-                               device=args.device, precision=precision, warmup=warmup))
+                               device=args.device, precision=precision, warmup=warmup,
+                               model=args.model))
     meta["loadavg_after"] = os.getloadavg()
     table = markdown(results, peak)
     if out:

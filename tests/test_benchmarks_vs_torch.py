@@ -81,3 +81,18 @@ def test_recount_flops_of_a_bad_file_is_a_clear_error(tmp_path, content):
   assert "error: --recount-flops" in last and str(path) in last and "Traceback" not in proc.stderr
   if content is not None:
     assert path.read_text() == content  # left as it was
+
+
+def test_vs_torch_quick_fcn_resnet50(tmp_path):
+  """``--model fcn_resnet50``: torchvision's FCN-ResNet50 both sides, the same weights (loaded
+  into fcnjax from the PyTorch model's torchvision-keyed state dict), the same logits."""
+  out = tmp_path / "vs_torch_r50.json"
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.vs_torch", "--quick", "--model",
+                         "fcn_resnet50", "--out", str(out)],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  data = json.loads(out.read_text())
+  (r,) = data["results"]
+  assert r["model"] == data["meta"]["model"] == "fcn_resnet50"
+  assert r["forward_max_abs_diff"] <= 1e-4 * max(1.0, r["forward_max_abs"])
+  assert r["jax_train"]["median_s"] > 0 and r["torch_nchw_train"]["median_s"] > 0
