@@ -253,7 +253,7 @@ def test_load_model_errors_name_the_path(tmp_path):
     load_model(tmp_path / "empty")
   bb = models.build_model("vgg16", width_multiplier=1 / 16)
   weights.save(bb, tmp_path / "bb.safetensors")
-  with pytest.raises(ModelLoadError, match="bb.safetensors: an ImageNet VGG16 backbone"):
+  with pytest.raises(ModelLoadError, match="bb.safetensors: a bare backbone \\(VGG16 / ResNet\\)"):
     load_model(tmp_path / "bb.safetensors")
   with pytest.raises(ValueError, match="scales must be positive"):
     Predictor(tiny_fcn(), scales=(0,))
