@@ -84,8 +84,7 @@ class BasicBlock(nnx.Module):
   expansion = 1
 
   def __init__(self, cin: int, planes: int, stride: int = 1, dilation: int = 1, *,
-               base_planes: int = 64, dtype=None, rngs: nnx.Rngs):
-    del base_planes
+               dtype=None, rngs: nnx.Rngs):
     if dilation > 1:
       raise ValueError("BasicBlock (ResNet-18/34) does not support dilation, as in torchvision")
     self.stride = stride
@@ -110,8 +109,7 @@ class Bottleneck(nnx.Module):
   expansion = 4
 
   def __init__(self, cin: int, planes: int, stride: int = 1, dilation: int = 1, *,
-               base_planes: int = 64, dtype=None, rngs: nnx.Rngs):
-    del base_planes
+               dtype=None, rngs: nnx.Rngs):
     self.stride = stride
     out = planes * self.expansion
     self.conv1 = _conv(cin, planes, 1, dtype=dtype, rngs=rngs)

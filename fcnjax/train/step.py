@@ -134,10 +134,6 @@ def freeze_batch_norm(model: nnx.Module) -> None:
       m.use_running_average = True
 
 
-def has_batch_norm(model: nnx.Module) -> bool:
-  return any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_modules(model))
-
-
 def make_eval_step(graphdef):
   """A jitted ``eval_step(params, rest, hist, batch) -> hist``.
 
