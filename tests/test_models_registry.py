@@ -12,6 +12,8 @@ NAMES = ["fcn32s", "fcn16s", "fcn8s", "fcn8s-atonce", "fcn4s", "fcn2s", "vgg16"]
 RESNET_SEGMENTERS = ["fcn_resnet50", "fcn_resnet101", "d2l_fcn_resnet18", "d2l_fcn_resnet101v2",
                      "fcn8s-resnet18", "fcn8s-resnet50"]
 RESNET_BACKBONES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet101v2"]
+CLASSIFIERS = ["fcn_classifier", "fcn_classifier-vgg16", "fcn_classifier-resnet18",
+               "fcn_classifier-resnet50"]
 
 
 def abstract(name, **kwargs):
@@ -20,11 +22,12 @@ def abstract(name, **kwargs):
 
 def test_names_and_descriptions():
   names = models.model_names()
-  assert list(names) == NAMES + RESNET_SEGMENTERS + RESNET_BACKBONES
+  assert list(names) == NAMES + RESNET_SEGMENTERS + RESNET_BACKBONES + CLASSIFIERS
   assert all(isinstance(d, str) and d and "\n" not in d for d in names.values())
   # MODELS: the segmenters, name -> constructor
   assert list(models.MODELS) == NAMES[:-1] + RESNET_SEGMENTERS
   assert all(models.MODELS[n] is models.SPECS[n].constructor for n in models.MODELS)
+  assert list(models.CLASSIFIERS) == CLASSIFIERS
 
 
 def test_unknown_name_lists_the_known_ones():

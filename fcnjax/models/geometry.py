@@ -74,3 +74,63 @@ def crop_offset(larger: CoordMap, reference: CoordMap) -> int:
   if offset.denominator != 1:
     raise ValueError(f"cannot crop: grids are misaligned by a fractional offset {offset}")
   return int(offset)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output sizes and the minimum input size
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeOp:
+  """How one layer maps an input length ``n`` (pixels along one axis) to its output length.
+
+  ``n`` is first rounded up to a multiple of ``multiple`` (an input padded to a grid), then a
+  window of ``kernel`` taps (dilated by ``dilation``) slides with ``stride`` over it with
+  ``padding`` pixels added in total (both sides together): ``out = floor((n + padding - eff) /
+  stride) + 1`` (``ceil`` with ``ceil=True``, Caffe's pooling), ``eff = dilation * (kernel - 1)
+  + 1``. An ``out < 1`` means the input is too small for the layer.
+  """
+
+  kernel: int = 1
+  stride: int = 1
+  padding: int = 0
+  dilation: int = 1
+  ceil: bool = False
+  multiple: int = 1
+
+  @property
+  def extent(self) -> int:
+    return self.dilation * (self.kernel - 1) + 1
+
+  def __call__(self, n):
+    """The output length of an input of length ``n`` (an int, or an integer array)."""
+    n = -(-n // self.multiple) * self.multiple
+    num = n + self.padding - self.extent
+    return (-(-num // self.stride) if self.ceil else num // self.stride) + 1
+
+  def min_input(self, out: int) -> int:
+    """The smallest input length (>= 1) whose output length is at least ``out``."""
+    if self.ceil:  # ceil(num / s) >= out - 1  <=>  num >= (out - 2) * s + 1
+      n = (out - 2) * self.stride + 1 + self.extent - self.padding
+    else:          # floor(num / s) >= out - 1  <=>  num >= (out - 1) * s
+      n = (out - 1) * self.stride + self.extent - self.padding
+    n = max(int(n), 1)  # the rounded-up length needed; the smallest n that rounds up to it:
+    return (-(-n // self.multiple) - 1) * self.multiple + 1
+
+
+def output_length(ops, n):
+  """The output length of the layer chain ``ops`` (a sequence of :class:`SizeOp`) for an input
+  of length ``n`` (int or integer array); ``<= 0`` where the input is too small."""
+  for op in ops:
+    n = op(n)
+  return n
+
+
+def min_input_length(ops) -> int:
+  """The smallest input length for which every layer of ``ops`` has an output of length >= 1
+  (each layer's output length is non-decreasing in its input length, so this is computed
+  backwards from ``out = 1``, layer by layer, without running anything)."""
+  need = 1
+  for op in reversed(tuple(ops)):
+    need = op.min_input(need)
+  return need

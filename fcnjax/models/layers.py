@@ -159,6 +159,14 @@ class ConvBlock(nnx.Module):
       maps.append(geometry.conv_map(2, 2, 0))
     return geometry.compose(*maps)
 
+  def size_ops(self) -> list:
+    """The block's layers as :class:`~fcnjax.models.geometry.SizeOp` s (output lengths)."""
+    ops = [geometry.SizeOp(3, 1, 2 * (self.first_padding if i == 0 else 1))
+           for i in range(len(self.convs))]
+    if self.pool is not None:
+      ops.append(geometry.SizeOp(2, 2, 0, ceil=self.pool == "ceil"))
+    return ops
+
   def layer_modules(self) -> dict[str, tuple[nnx.Module, ...]]:
     """The modules with parameters behind each intermediate: ``{"conv1": (conv, [norm]), ...}``."""
     norms = self.norms if self.norms is not None else [None] * len(self.convs)

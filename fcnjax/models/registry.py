@@ -20,6 +20,7 @@ from typing import Callable
 
 from flax import nnx
 
+from fcnjax.models import classifier as classifier_lib
 from fcnjax.models import resnet as resnet_lib
 from fcnjax.models import resnet_fcn
 from fcnjax.models.fcn import FCN, fcn_vgg16
@@ -43,7 +44,8 @@ class ModelSpec:
     skip_scales: fixed input scale per skip (at-once FCN-8s), or ``None`` for none.
     pytorch_fcn_upscore: pytorch-fcn's names of the upsampling layers, coarse to fine, final
       last; ``None`` where pytorch-fcn has no such model.
-    family: ``"vgg"`` or ``"resnet"``: which of :func:`build_model`'s options apply.
+    family: ``"vgg"``, ``"resnet"`` or ``"classifier"`` (:mod:`fcnjax.models.classifier`:
+      images -> class logits): which of :func:`build_model`'s options apply.
     segmenter: for entries without ``skips``: whether it is a segmentation model (takes
       ``num_classes``) rather than a bare backbone.
   """
@@ -163,12 +165,36 @@ SPECS: dict[str, ModelSpec] = {s.name: s for s in (
               "the Keras ResNet-101 V2 backbone alone (pre-activation, no top)", family="resnet"),
 )}
 
+
+
+def _classifier(backbone: str):
+  def build(num_classes: int = 5, *, rngs: nnx.Rngs, **options):
+    return classifier_lib.fcn_classifier(num_classes, backbone=backbone, rngs=rngs, **options)
+  build.__doc__ = f"The FCN classifier on {backbone} (:func:`~fcnjax.models.fcn_classifier`)."
+  return build
+
+
+SPECS.update({s.name: s for s in (
+    ModelSpec("fcn_classifier", _classifier("convstack"),
+              "FCN classifier: the Keras tutorial's conv blocks, 1x1 convs, masked global pool",
+              family="classifier"),
+    ModelSpec("fcn_classifier-vgg16", _classifier("vgg16"),
+              "FCN classifier on VGG16 (aligned): 1x1 conv head, masked global pool",
+              family="classifier"),
+    *(ModelSpec(f"fcn_classifier-resnet{d}", _classifier(f"resnet{d}"),
+                f"FCN classifier on ResNet-{d}: 1x1 conv head, masked global pool",
+                family="classifier") for d in (18, 50)),
+)})
+
 MODELS: dict[str, Callable[..., nnx.Module]] = {
     s.name: s.constructor for s in SPECS.values() if s.is_segmenter}
 """Segmentation model name -> constructor ``(num_classes, *, rngs, **options)`` (the options
 of :func:`build_model` that apply to its family)."""
 RESNET_BACKBONES = tuple(n for n, s in SPECS.items() if s.family == "resnet" and not s.is_segmenter)
 """The bare ResNet backbones' names."""
+CLASSIFIERS: dict[str, Callable[..., nnx.Module]] = {
+    s.name: s.constructor for s in SPECS.values() if s.family == "classifier"}
+"""Classifier name -> constructor ``(num_classes, *, rngs, **options)``: images -> logits."""
 
 
 def model_names() -> dict[str, str]:
@@ -198,7 +224,8 @@ def spec_for_fcn(skips, scaled: bool) -> ModelSpec | None:
 def build_model(name: str, num_classes: int = 21, *, width_multiplier: float = 1.0,
                 aligned: bool = False, pool: str = "ceil", learnable_upsampling: bool = False,
                 batch_norm: bool = False, aux: bool = True, dtype=None, ops: str = "auto",
-                seed: int = 0, rngs: nnx.Rngs | None = None) -> nnx.Module:
+                seed: int = 0, rngs: nnx.Rngs | None = None,
+                classifier_options: dict | None = None) -> nnx.Module:
   """Build the registered architecture ``name`` (see :func:`model_names`).
 
   Args:
@@ -216,6 +243,9 @@ def build_model(name: str, num_classes: int = 21, *, width_multiplier: float = 1
       score heads of the paper's FCNs).
     seed: with ``rngs=None``, parameters come from ``nnx.Rngs(params=seed, dropout=seed + 1)``.
     rngs: the RNG streams to use instead.
+    classifier_options: a classifier's options of :func:`~fcnjax.models.fcn_classifier`
+      (``pooling``, ``widths``, ``strides``, ``head_width``, ``dropout``, ``batch_norm``);
+      ``aligned`` / ``ops`` apply to ``fcn_classifier-vgg16``.
 
   Raises ``ValueError`` for an unknown name (listing the known ones), an ``ops`` value, or a
   VGG-only option given to a ResNet model.
@@ -223,6 +253,19 @@ def build_model(name: str, num_classes: int = 21, *, width_multiplier: float = 1
   spec = get_spec(name)
   if rngs is None:
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+  if spec.family == "classifier":
+    wrong = [f"{k}={v!r}" for k, v, default in (("pool", pool, "ceil"),
+                                                 ("learnable_upsampling", learnable_upsampling,
+                                                  False), ("batch_norm", batch_norm, False))
+             if v != default]
+    if wrong:
+      raise ValueError(f"{', '.join(wrong)}: segmentation options; {name} is a classifier "
+                       "(its BatchNorm is set by classifier_options)")
+    options = dict(width_multiplier=width_multiplier, dtype=dtype, rngs=rngs,
+                   **(classifier_options or {}))
+    if name == "fcn_classifier-vgg16":
+      options.update(aligned=aligned, ops=ops)
+    return spec.constructor(num_classes, **options)
   if spec.family == "resnet":
     wrong = [f"{k}={v!r}" for k, v, default in (("aligned", aligned, False), ("pool", pool, "ceil"),
                                                  ("batch_norm", batch_norm, False)) if v != default]

@@ -151,6 +151,12 @@ class _Backbone(nnx.Module):
       self.feature_channels[f"layer{i + 1}"] = c
     self.output_stride = int(1 / m.scale)
 
+  @property
+  def size_ops(self) -> list:
+    """The stride-2 layers as :class:`~fcnjax.models.geometry.SizeOp` s: each maps ``H`` to
+    ``ceil(H / 2)`` (every other layer keeps the size)."""
+    return [geometry.SizeOp(3, 2, 2)] * (self.output_stride.bit_length() - 1)
+
   def stages(self):
     return [self.layer1, self.layer2, self.layer3, self.layer4]
 

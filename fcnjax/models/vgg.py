@@ -105,6 +105,15 @@ class VGG(nnx.Module):
     maps["fc7"] = m.then(geometry.conv_map(7, 1, fc6_pad)).then(geometry.conv_map(1, 1, 0))
     self.coord_maps = maps
 
+  @property
+  def size_ops(self) -> list:
+    """The layers as :class:`~fcnjax.models.geometry.SizeOp` s: the input rounded up to
+    ``input_multiple``, each block's convs and pool, fc6, fc7."""
+    ops = [geometry.SizeOp(multiple=self.input_multiple)] if self.input_multiple > 1 else []
+    for block in self.blocks:
+      ops += block.size_ops()
+    return ops + [geometry.SizeOp(7, 1, 6 if self.aligned else 0), geometry.SizeOp(1)]
+
   def layer_modules(self) -> dict[str, tuple[nnx.Module, ...]]:
     """The modules with parameters behind each of ``__call__``'s intermediates (by name)."""
     mods = {}
