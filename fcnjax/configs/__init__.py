@@ -35,7 +35,8 @@ OPEN_SECTIONS = ("data.builtin",)
 """Sections whose fields each experiment defines itself (not checked against the base)."""
 
 CHOICES = {
-    "data.kind": ("voc", "folder", "pets"),
+    "data.kind": ("voc", "folder", "pets", "classes"),
+    "model.pooling": ("max", "avg"),
     "data.mask_values": ("index", "binary", "trimap", "palette"),
     "data.on_bad_data": ("skip", "raise"),
     "data.validate": ("header", "full"),
@@ -195,9 +196,35 @@ def validate(cfg) -> None:
     if flat.get(key) not in allowed:
       raise _bad(key, flat.get(key), f"must be one of {', '.join(allowed)}")
   from fcnjax import models
-  if cfg.model.name not in models.MODELS:
+  if cfg.model.name not in models.MODELS and cfg.model.name not in models.CLASSIFIERS:
     raise _bad("model.name", cfg.model.name,
-               f"not a model; models: {', '.join(sorted(models.MODELS))}")
+               f"not a model; segmentation models: {', '.join(sorted(models.MODELS))}; "
+               f"classifiers: {', '.join(sorted(models.CLASSIFIERS))}")
+  classifier = cfg.model.name in models.CLASSIFIERS
+  if classifier != (cfg.data.kind == "classes"):
+    raise _bad("data.kind", cfg.data.kind,
+               f"{cfg.model.name} is a {'classifier' if classifier else 'segmentation model'}: "
+               + ("it trains on data.kind = classes (class-per-folder images)" if classifier else
+                  "data.kind = classes is for the classifiers (fcn_classifier, ...)"))
+  if classifier:
+    for key, default in (("model.learnable_upsampling", False), ("model.batch_norm", False)):
+      if flat[key] != default:
+        raise _bad(key, flat[key], f"a segmentation option; {cfg.model.name} is a classifier: "
+                   "leave it at its default")
+  if not 0 <= cfg.model.classifier_dropout < 1:
+    raise _bad("model.classifier_dropout", cfg.model.classifier_dropout, "must be in [0, 1)")
+  rt = tuple(cfg.data.resize_to)
+  if rt and not (len(rt) == 2 and all(isinstance(v, int) and v >= 1 for v in rt)):
+    raise _bad("data.resize_to", rt, "must be () or (h, w), two positive integers")
+  if rt and cfg.data.kind != "classes":
+    raise _bad("data.resize_to", rt, "resizing is only offered for data.kind = classes (a "
+               "segmentation label cannot be squashed without changing it)")
+  if not 0 <= cfg.loss.label_smoothing < 1:
+    raise _bad("loss.label_smoothing", cfg.loss.label_smoothing, "must be in [0, 1)")
+  if any(not (isinstance(w, int) and w >= 1) for w in cfg.model.classifier_widths) or (
+      cfg.model.classifier_widths and len(cfg.model.classifier_widths) != 5):
+    raise _bad("model.classifier_widths", tuple(cfg.model.classifier_widths),
+               "must be () (the tutorial's) or 5 positive integers (one per conv block)")
   if models.SPECS[cfg.model.name].family == "resnet":
     for key, default in (("model.aligned", False), ("model.batch_norm", False)):
       if flat[key] != default:

@@ -39,6 +39,13 @@ def base_config() -> ml_collections.ConfigDict:
   m.aux_head = True                    # fcn_resnet50/101: build torchvision's auxiliary head
                                        # on layer3 (trained with loss.aux_weight; unused at
                                        # inference)
+  m.pooling = "max"                    # classifiers (fcn_classifier*): masked global "max" or
+                                       # "avg" pooling of the class scores
+  m.classifier_widths = ()             # fcn_classifier: conv-block widths (() = the Keras
+                                       # tutorial's 32, 64, 128, 256, 512; strides 1, 1, 2, 2, 2)
+  m.classifier_dropout = 0.2           # fcn_classifier: dropout after every conv (tutorial's)
+  m.masked_pooling = True              # classifiers: pool / normalise real pixels only (False:
+                                       # padding counts like pixels, the tutorial's way)
   m.precision = "fp32"                 # "fp32" or "bf16" (bf16 compute, fp32 params and loss)
   m.ops = "auto"                       # "auto" | "cpu" | "lax": CPU-friendly ops or plain lax
   m.init = ""                          # weights file to start from (fcnjax.weights.init_from)
@@ -46,14 +53,18 @@ def base_config() -> ml_collections.ConfigDict:
   m.allow_geometry_change = False      # with init: load exact-geometry weights into aligned
 
   d = c.data = ml_collections.ConfigDict()
-  d.kind = "voc"                       # "voc" (VOC / SBD layout), "folder", "pets"
-  d.root = ""                          # voc: VOCdevkit or VOC2012; pets: Oxford-IIIT Pets root
+  d.kind = "voc"                       # "voc" (VOC / SBD layout), "folder", "pets", "classes"
+                                       # (classification: root/<class>/*.jpg, for classifiers)
+  d.root = ""                          # voc: VOCdevkit or VOC2012; pets: Oxford-IIIT Pets root;
+                                       # classes: the class-per-folder root ('' = built-in)
   d.sbd_root = ""                      # voc: SBD (img/, cls/) or SegmentationClassAug: train on it
   d.val_split = ""                     # voc: split to evaluate on ('' = val; seg11valid with SBD)
   d.images = ""                        # folder: the training images
   d.masks = ""                         # folder: their masks, matched by file stem
   d.val_images = ""                    # folder: validation images ('' = split off val_fraction)
   d.val_masks = ""                     # folder: validation masks
+  d.resize_to = ()                     # classes: (h, w) resize (squash) every image to it
+                                       # (the tutorial's way, for comparison; () = never resize)
   d.val_fraction = 0.1                 # folder: share of the images held out for validation
   d.mask_values = "index"              # folder: "index" | "binary" | "trimap" | "palette"
   d.classes = ""                       # comma-separated class names ('' = from the data)
@@ -91,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   lo.reduction = "mean"                # "mean" over valid pixels, or "sum" (the reference)
   lo.class_weights = ()                # per-class weights of the cross-entropy; () = all 1
   lo.dice_weight = 0.0                 # > 0 adds this times the soft Dice loss (small objects)
+  lo.label_smoothing = 0.0             # classifiers: target (1 - eps) * one_hot + eps / C
   lo.aux_weight = 0.5                  # weight of the aux head's cross-entropy (models with one)
 
   t = c.train = ml_collections.ConfigDict()

@@ -141,13 +141,26 @@ def pets_sources(data, print_fn=print) -> Sources:
   return Sources(train, val, f"Oxford-IIIT Pets layout at {root} (val: test)")
 
 
+def _classification_sources(config, print_fn) -> Sources:
+  from fcnjax.data import classification  # class-per-folder images, for the classifiers
+  sources = classification.classification_sources(config.data, seed=config.train.seed,
+                                                  print_fn=print_fn)
+  if tuple(config.data.resize_to):
+    from fcnjax.data.squash import ResizedSource
+    size = tuple(config.data.resize_to)
+    sources = Sources(ResizedSource(sources.train, size), ResizedSource(sources.val, size),
+                      f"{sources.description}, every image resized to {size[0]}x{size[1]}")
+  return sources
+
+
 def make_sources(config, *, print_fn=print) -> Sources:
   """The train and val sources of ``config.data`` (``config.train.seed`` splits folder data)."""
   kind = config.data.kind
   makers = {"voc": lambda: voc_sources(config.data, print_fn),
             "folder": lambda: folder_sources(config.data, seed=config.train.seed,
                                              print_fn=print_fn),
-            "pets": lambda: pets_sources(config.data, print_fn)}
+            "pets": lambda: pets_sources(config.data, print_fn),
+            "classes": lambda: _classification_sources(config, print_fn)}
   if kind not in makers:
     raise DataError(f"data.kind = {kind!r}: must be one of {', '.join(makers)}")
   try:

@@ -30,7 +30,8 @@ OTHER_FLAGS = {"data.batch_size": "batch_size", "data.pixels_per_batch": "pixels
                "data.max_buckets": "max_buckets", "loss.class_weights": "class_weights",
                "loss.dice_weight": "dice_weight", "data.val_fraction": "val_fraction",
                "data.mask_values": "mask_values", "eval.protocol": "eval_protocol",
-               "eval.final_protocol": "eval_protocol"}
+               "eval.final_protocol": "eval_protocol", "model.pooling": "pooling",
+               "loss.label_smoothing": "label_smoothing"}
 """Config fields set by flags outside :data:`FIELDS` (flag dest by field)."""
 
 

@@ -124,15 +124,17 @@ def _first_line(e: BaseException, n: int = 240) -> str:
 
 
 class Checkpointer:
-  """The run's checkpoint managers (``last``: keep ``keep``; ``best``: keep 1 by mean IU).
+  """The run's checkpoint managers (``last``: keep ``keep``; ``best``: keep 1 by the eval
+  metric ``best_metric``: val mean IU for segmentation, ``top1`` accuracy for a classifier).
 
   Saves are synchronous (``async_save=True`` overlaps them with training, at the price of a
   failure being noticed one save late).
   """
 
-  def __init__(self, workdir, *, keep: int = 3, async_save: bool = False):
+  def __init__(self, workdir, *, keep: int = 3, async_save: bool = False,
+               best_metric: str = "mean_iu"):
     self.workdir = pathlib.Path(workdir).absolute()
-    self.keep, self.async_save = keep, async_save
+    self.keep, self.async_save, self.best_metric = keep, async_save, best_metric
     self._open()
 
   def _open(self):
@@ -142,7 +144,8 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, **opts))
     self.best = ocp.CheckpointManager(
         self.workdir / "best", options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda m: m["mean_iu"], best_mode="max", **opts))
+            max_to_keep=1, best_fn=lambda m: m.get("score", m.get("mean_iu")),
+            best_mode="max", **opts))
 
   def latest_step(self) -> int | None:
     return self.last.latest_step()
@@ -178,12 +181,13 @@ class Checkpointer:
     self._save(self.last, step, state, meta)
 
   def save_best(self, step: int, state, meta: dict, eval_metrics: dict) -> None:
-    """Save to ``best`` when ``eval_metrics`` has a finite ``mean_iu`` (kept if the best)."""
-    miu = eval_metrics.get("mean_iu")
+    """Save to ``best`` when ``eval_metrics`` has a finite ``best_metric`` (kept if the best)."""
+    miu = eval_metrics.get(self.best_metric)
     if step in self.best.all_steps():  # a resumed run re-evaluating a step it already kept
       return
     if miu is not None and np.isfinite(miu):
-      self._save(self.best, step, state, meta, metrics={"mean_iu": float(miu)})
+      self._save(self.best, step, state, meta, metrics={"score": float(miu),
+                                                               self.best_metric: float(miu)})
 
   def read_meta(self, step: int | None = None, *, best: bool = False) -> dict:
     """The stored meta of ``step`` (default latest); :class:`CheckpointDamaged` if unreadable."""

@@ -57,7 +57,7 @@ from fcnjax.train import step as step_lib
 from fcnjax.train.checkpoint import CheckpointDamaged, CheckpointMismatch, Checkpointer
 from fcnjax.train.interrupts import Interrupted, StopRequests
 from fcnjax.train.workdir_lock import WorkdirLock
-from fcnjax.train.metrics import format_metrics, segmentation_metrics
+from fcnjax.train.metrics import classification_metrics, format_metrics, segmentation_metrics
 
 WARMUP_FRACTION_MAX = 0.2
 """A short run (tests, ``train.steps``) keeps its warm-up under this fraction of its steps."""
@@ -116,15 +116,73 @@ def build_model(config, seed: int | None = None):
   dtype = {"fp32": None, "bf16": jnp.bfloat16}[m.precision]
   seed = config.train.seed if seed is None else seed
 
+  classifier_options = None
+  if is_classifier_config(config):
+    classifier_options = {"pooling": m.pooling, "dropout": m.classifier_dropout,
+                          "masked": m.masked_pooling}
+    if m.classifier_widths:
+      classifier_options["widths"] = tuple(m.classifier_widths)
+    if m.name != "fcn_classifier":  # the head on VGG / ResNet: no conv-block options
+      classifier_options.pop("widths", None)
+
   def build():
     return models.build_model(m.name, m.num_classes, width_multiplier=m.width_multiplier,
                               aligned=m.aligned, learnable_upsampling=m.learnable_upsampling,
                               batch_norm=m.batch_norm, aux=m.aux_head, dtype=dtype, ops=m.ops,
-                              seed=seed)
+                              seed=seed, classifier_options=classifier_options)
 
   # one compiled program for the whole initialisation instead of one eager compile per
   # parameter shape (1.3-1.8 s less on the 2-core CPU for the default model; the same values)
   return nnx.jit(build)()
+
+
+def is_classifier_config(config) -> bool:
+  """Whether the config trains a classifier (``model.name`` of ``models.CLASSIFIERS``)."""
+  return config.model.name in models.CLASSIFIERS
+
+
+def score_metric(config) -> str:
+  """The eval metric the best checkpoint is chosen by: ``top1`` (classifier) or ``mean_iu``."""
+  return "top1" if is_classifier_config(config) else "mean_iu"
+
+
+def format_classification(metrics: dict) -> str:
+  return (f"top-1 {metrics['top1']:.4f}, mean class acc {metrics['mean_acc']:.4f} "
+          f"({metrics['images']} images)")
+
+
+def per_class_acc_table(metrics: dict) -> str:
+  rows = [f"  {name:<16} acc {acc:.3f}" if acc is not None else f"  {name:<16} (absent)"
+          for name, acc in metrics["per_class_acc"].items()]
+  return "\n".join(rows)
+
+
+def drop_too_small(sources: datasets.Sources, min_size, on_bad_data: str,
+                   print_fn=print) -> datasets.Sources:
+  """``sources`` without the images smaller than ``min_size`` (h, w) (a classifier gives them
+  no score cell): counted and named in one line per split, or with ``on_bad_data = "raise"``
+  a :class:`DataError` naming them."""
+  import dataclasses
+  mh, mw = min_size
+  out = {}
+  for split in ("train", "val"):
+    src = getattr(sources, split)
+    sizes = np.asarray(src.sizes).reshape(-1, 2)
+    small = np.flatnonzero((sizes[:, 0] < mh) | (sizes[:, 1] < mw))
+    if small.size:
+      ids = [f"{src.ids[i]} ({sizes[i, 0]}x{sizes[i, 1]})" for i in small[:5]]
+      more = f" and {small.size - 5} more" if small.size > 5 else ""
+      what = (f"{small.size} {split} image(s) smaller than the model's minimum input size "
+              f"{mh}x{mw}: {', '.join(ids)}{more}")
+      if on_bad_data == "raise" or small.size == len(src):
+        raise DataError(f"{what}" + ("" if small.size < len(src) else
+                                      f" (that is every {split} image)")
+                        + "; use a model with a smaller minimum (fewer stride-2 blocks) or "
+                        "--config.data.on_bad_data=skip to leave them out")
+      print_fn(f"warning: skipping {what}")
+      src = src.subset(np.setdiff1d(np.arange(len(src)), small))
+    out[split] = src
+  return dataclasses.replace(sources, **out)
 
 
 def build_optimizer(config, total_steps: int):
@@ -354,6 +412,10 @@ class Run:
     self.data_offset = 0  # global step at which the train loader's batch 0 is (--restart-epoch)
     self.protocols = tuple(protocols or eval_protocols(config))
     model = build_model(config)
+    if step_lib.is_classifier(model):  # images below the model's minimum have no score cell
+      sources = drop_too_small(sources, models.min_input_size(model), config.data.on_bad_data,
+                               self.print)
+      self.sources, self.val_source = sources, sources.val
     if config.model.init:
       from fcnjax import weights
       loaded = weights.init_from(config.model.init, model,
@@ -375,7 +437,10 @@ class Run:
     self.memory_caps = None  # {(H, W): batch cap} of the memory plan (None: no bucket capped)
     self._build_steps()
     self._plan_memory()
-    self.ckpt = Checkpointer(self.workdir, keep=config.checkpoint.keep)
+    self.classifier = step_lib.is_classifier(model)
+    self.score_metric = score_metric(config)
+    self.ckpt = Checkpointer(self.workdir, keep=config.checkpoint.keep,
+                             best_metric=self.score_metric)
     self.log = report.MetricsLog(self.workdir, enabled=self.primary, notice=self.print)
     self.tensorboard = None
     names = sources.val.class_names or sources.train.class_names
@@ -401,6 +466,16 @@ class Run:
       self.graphdef, state = step_lib.init_state(self.model, tx)
       self.state = parallel.replicate(state, self.mesh)
     class_weights = tuple(config.loss.class_weights) or None
+    if step_lib.is_classifier(self.model):
+      self.train_step = step_lib.make_classifier_train_step(
+          self.graphdef, tx, class_weights=class_weights,
+          label_smoothing=config.loss.label_smoothing,
+          frozen_batch_norm=config.model.frozen_batch_norm,
+          state_sharding=jax.tree.map(lambda x: x.sharding, self.state),
+          batch_sharding=parallel.batch_sharding(self.mesh))
+      self.eval_step = step_lib.make_classifier_eval_step(self.graphdef)
+      self.predict = step_lib.make_classifier_predict(self.graphdef)
+      return
     has_aux = getattr(self.model, "aux_classifier", None) is not None
     self.train_step = step_lib.make_train_step(
         self.graphdef, tx, reduction=config.loss.reduction, class_weights=class_weights,
@@ -781,22 +856,36 @@ class Run:
         hist = self.eval_step(self.state.params, self.state.rest, hist, gb)
     finally:
       val_it.close()
-    metrics = {"protocol": protocol,
-               **segmentation_metrics(np.asarray(jax.device_get(hist)), self.class_names)}
+    hist = np.asarray(jax.device_get(hist))
     seconds = time.perf_counter() - start
     n = len(loader.bucket_shapes)
-    self.print(f"eval step {step} ({protocol}, {n} program{'s' if n != 1 else ''}): "
-               f"{format_metrics(metrics)} ({len(self.val_source)} images, {seconds:.1f} s)\n"
-               f"{per_class_table(metrics)}")
+    head = f"eval step {step} ({protocol}, {n} program{'s' if n != 1 else ''}): "
+    if self.classifier:
+      metrics = {"protocol": protocol, **classification_metrics(hist, self.class_names)}
+      self.print(f"{head}{format_classification(metrics)}, {seconds:.1f} s\n"
+                 f"{per_class_acc_table(metrics)}")
+      scalars, per_class = ("top1", "mean_acc"), metrics["per_class_acc"]
+    else:
+      metrics = {"protocol": protocol, **segmentation_metrics(hist, self.class_names)}
+      self.print(f"{head}{format_metrics(metrics)} ({len(self.val_source)} images, "
+                 f"{seconds:.1f} s)\n{per_class_table(metrics)}")
+      scalars, per_class = ("mean_iu", "pixel_acc", "mean_acc", "fwiu"), metrics["per_class_iou"]
     metrics.update(self.bad_summary("val", step, None))  # skipped, skipped_ids (if any)
     self.log.write({"kind": "eval", "step": step, "seconds": seconds, **metrics})
     if self.tensorboard is not None:
-      self.tensorboard.scalars(step, {k: metrics[k] for k in
-                                      ("mean_iu", "pixel_acc", "mean_acc", "fwiu")}, "val/")
-      self.tensorboard.scalars(step, metrics["per_class_iou"], "val/iou/")
+      self.tensorboard.scalars(step, {k: metrics[k] for k in scalars}, "val/")
+      self.tensorboard.scalars(step, {k: v for k, v in per_class.items() if v is not None},
+                               "val/acc/" if self.classifier else "val/iou/")
     if self.primary:
-      report.plot_curves(self.log, self.workdir / "curves.png")
-      self.plot_predictions(step)
+      if self.classifier:
+        report.plot_curves(self.log, self.workdir / "curves.png", metric="top1",
+                           label="val top-1")
+        report.plot_confusion(metrics["confusion"], self.class_names,
+                              self.workdir / "confusion.png",
+                              title=f"val confusion, step {step} (top-1 {metrics['top1']:.3f})")
+      else:
+        report.plot_curves(self.log, self.workdir / "curves.png")
+        self.plot_predictions(step)
     return metrics
 
   def plot_predictions(self, step: int) -> None:
@@ -960,8 +1049,8 @@ def _train(config, workdir, latest, saved, stop, *, resume, eval_only, allow_cha
     if resume and not eval_only and step >= run.total_steps and not pending:
       final = _read_final(workdir)
       run.print(f"{workdir}: this run already finished (step {step} of {run.total_steps}"
-                + (f", final mean IU {final['mean_iu']:.4f}" if final.get("mean_iu") is not None
-                   else "") + "): nothing to do. To train longer, resume with --config ... "
+                + (f", final {run.score_metric} {final[run.score_metric]:.4f}"
+                   if final.get(run.score_metric) is not None else "") + "): nothing to do. To train longer, resume with --config ... "
                 "--config.train.epochs=N --allow-change train.epochs")
       return {}
     run.start_outputs()

@@ -163,3 +163,30 @@ def dice_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = Non
   if classes == "foreground":
     dice = dice[1:]
   return 1.0 - jnp.mean(dice)
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array, *,
+                        class_weights=None, label_smoothing: float = 0.0):
+  """Mean cross-entropy of image-level logits over the valid examples.
+
+  Args:
+    logits: (B, C) float.
+    labels: (B,) int class ids.
+    valid: (B,) bool; False for dummy rows and images that failed to decode (they add 0).
+    class_weights: optional (C,) per-class weights; the mean is then weighted (``sum(w_y *
+      ce) / sum(w_y)``, as ``torch.nn.CrossEntropyLoss(weight=...)``).
+    label_smoothing: ``eps`` in [0, 1): the target is ``(1 - eps) * one_hot + eps / C``.
+
+  Returns ``(loss, num_valid)``: float32 scalars (loss 0 when no example is valid).
+  """
+  num_classes = logits.shape[-1]
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  y = jnp.clip(labels.astype(jnp.int32), 0, num_classes - 1)
+  target = jax.nn.one_hot(y, num_classes)
+  if label_smoothing:
+    target = (1.0 - label_smoothing) * target + label_smoothing / num_classes
+  ce = -jnp.sum(target * logp, axis=-1)
+  w = valid.astype(jnp.float32)
+  if class_weights is not None:
+    w = w * jnp.asarray(class_weights, jnp.float32)[y]
+  return jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1e-12), jnp.sum(valid.astype(jnp.float32))

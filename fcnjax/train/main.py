@@ -171,7 +171,11 @@ def run(config, args, *, print_fn=print, flag_of=None) -> int:
     print(f"error: {where}{e.strerror or e} (writing the run's outputs in {workdir})",
           file=sys.stderr)
     return 1
-  if metrics:
+  if metrics and "top1" in metrics:
+    print_fn(f"final: top-1 {metrics['top1']:.4f}, mean class acc {metrics['mean_acc']:.4f} "
+             f"({metrics['images']} val images); confusion matrix in {workdir}/confusion.png, "
+             f"outputs in {workdir}")
+  elif metrics:
     print_fn(f"final: mean IU {metrics['mean_iu']:.4f}, pixel acc {metrics['pixel_acc']:.4f}, "
              f"mean acc {metrics['mean_acc']:.4f}, fwIU {metrics['fwiu']:.4f}; outputs in "
              f"{workdir}")

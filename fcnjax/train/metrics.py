@@ -127,3 +127,23 @@ def format_metrics(metrics: dict) -> str:
   """One line: ``"mIU 0.523 | pixel acc 0.874 | mean acc 0.610 | fwIU 0.790"``."""
   return (f"mIU {metrics['mean_iu']:.3f} | pixel acc {metrics['pixel_acc']:.3f} | "
           f"mean acc {metrics['mean_acc']:.3f} | fwIU {metrics['fwiu']:.3f}")
+
+
+def classification_metrics(hist, class_names: Sequence[str] | None = None) -> dict:
+  """Image-level metrics of a (C, C) confusion matrix over images (rows = truth).
+
+  ``top1`` (accuracy), ``mean_acc`` (mean per-class recall over classes present: balanced
+  accuracy), ``per_class_acc`` ({name: recall or None}), ``confusion`` (the matrix as lists),
+  ``images`` (counted images). Python floats / ints, JSON-able.
+  """
+  hist = np.asarray(hist, np.int64)
+  c = hist.shape[0]
+  names = list(class_names) if class_names is not None else [str(i) for i in range(c)]
+  total = int(hist.sum())
+  support = hist.sum(axis=1)
+  recall = [float(hist[i, i] / support[i]) if support[i] else None for i in range(c)]
+  present = [r for r in recall if r is not None]
+  return {"top1": float(np.trace(hist) / total) if total else 0.0,
+          "mean_acc": float(np.mean(present)) if present else 0.0,
+          "per_class_acc": dict(zip(names, recall)),
+          "confusion": hist.astype(int).tolist(), "images": total}

@@ -292,8 +292,10 @@ def jsonable(x):
   return x
 
 
-def plot_curves(log: MetricsLog, path) -> None:
-  """Train loss and val mean IU against step, in one figure (two y axes)."""
+def plot_curves(log: MetricsLog, path, *, metric: str = "mean_iu",
+                label: str = "val mean IU") -> None:
+  """Train loss and the val ``metric`` (mean IU; a classifier's ``top1``) against step, in one
+  figure (two y axes)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -305,9 +307,10 @@ def plot_curves(log: MetricsLog, path) -> None:
   ax.set_ylabel("train loss", color="tab:blue")
   ax2 = ax.twinx()
   if log.eval:
-    ax2.plot([r["step"] for r in log.eval], [r["mean_iu"] for r in log.eval], "o-",
-             color="tab:red", label="val mean IU")
-  ax2.set_ylabel("val mean IU", color="tab:red")
+    rows = [r for r in log.eval if r.get(metric) is not None]
+    ax2.plot([r["step"] for r in rows], [r[metric] for r in rows], "o-",
+             color="tab:red", label=label)
+  ax2.set_ylabel(label, color="tab:red")
   ax2.set_ylim(0, 1)
   ax.set_title("training curves")
   fig.tight_layout()
@@ -346,5 +349,33 @@ def plot_predictions(images, labels, preds, path, colorize, titles=None, *, clas
     fig.tight_layout(rect=(0, 0.5 / (2.6 * n + 0.5), 1, 1))
   else:
     fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def plot_confusion(confusion, class_names, path, *, title: str = "") -> None:
+  """A confusion matrix (rows = truth, columns = prediction; counts of images) as a PNG: each
+  cell shows its count, coloured by the row's share (per-class recall on the diagonal)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cm = np.asarray(confusion, np.int64)
+  c = len(cm)
+  share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+  size = max(4.0, 0.55 * c + 2.5)
+  fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=100)
+  im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+  ax.set_xticks(range(c), labels=list(class_names), rotation=45, ha="right")
+  ax.set_yticks(range(c), labels=list(class_names))
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  for i in range(c):
+    for j in range(c):
+      ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
+              color="white" if share[i, j] > 0.5 else "black", fontsize=8)
+  fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fcnjax.train.loss import dice_loss, segmentation_loss
+from fcnjax.train.loss import classification_loss, dice_loss, segmentation_loss
 from fcnjax.train.metrics import update_confusion
 
 
@@ -157,5 +157,90 @@ def make_predict(graphdef):
     model = nnx.merge(graphdef, params, rest, copy=True)
     model.eval()
     return jnp.argmax(model(images), axis=-1).astype(jnp.int32)
+
+  return jax.jit(predict)
+
+
+# -- the FCN classifier (fcnjax.models.classifier): one class per image ----------------------
+def is_classifier(model) -> bool:
+  """Whether ``model`` maps images to image-level logits (``task == "classification"``)."""
+  return getattr(model, "task", "segmentation") == "classification"
+
+
+def image_labels(batch) -> tuple[jax.Array, jax.Array]:
+  """``(labels (B,) int32, valid (B,) bool)`` of a size-bucket batch of a classification
+  source, whose label maps hold the image's class on every pixel: the top-left pixel is the
+  image's (padding is at the bottom / right); dummy rows and images that failed to decode have
+  mask False there."""
+  labels = batch["label"][:, 0, 0].astype(jnp.int32)
+  return labels, batch["mask"][:, 0, 0] & (labels != 255)
+
+
+def make_classifier_train_step(graphdef, tx: optax.GradientTransformation, *,
+                               class_weights=None, label_smoothing: float = 0.0,
+                               frozen_batch_norm: bool = False, state_sharding=None,
+                               batch_sharding=None):
+  """A jitted ``train_step(state, batch) -> (state, metrics)`` of a classifier.
+
+  The model sees ``model(batch["image"], mask=batch["mask"])`` (masked pooling and BatchNorm
+  statistics over real pixels only); the loss is :func:`~fcnjax.train.loss.classification_loss`
+  of the logits against :func:`image_labels`. ``metrics``: float32 scalars ``loss``,
+  ``valid_images``, ``correct`` (valid images classified right), ``grad_norm``.
+  """
+  if not 0 <= label_smoothing < 1:
+    raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+  def train_step(state: TrainState, batch):
+    labels, valid = image_labels(batch)
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, state.rest, copy=True)
+      model.train()
+      if frozen_batch_norm:
+        freeze_batch_norm(model)
+      logits = model(batch["image"], mask=batch["mask"])
+      loss, n = classification_loss(logits, labels, valid, class_weights=class_weights,
+                                    label_smoothing=label_smoothing)
+      _, _, rest = split_model(model)
+      return loss, (n, logits, rest)
+
+    (loss, (n, logits, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    correct = jnp.sum((jnp.argmax(logits, -1) == labels) & valid).astype(jnp.float32)
+    metrics = {"loss": loss, "valid_images": n, "correct": correct,
+               "grad_norm": optax.tree.norm(grads)}
+    return TrainState(params, rest, opt_state, state.step + 1), metrics
+
+  kwargs = {}
+  if state_sharding is not None:
+    kwargs["in_shardings"] = (state_sharding, batch_sharding)
+    kwargs["out_shardings"] = (state_sharding, None)
+  return jax.jit(train_step, donate_argnums=(0,), **kwargs)
+
+
+def make_classifier_eval_step(graphdef):
+  """A jitted ``eval_step(params, rest, hist, batch) -> hist`` of a classifier: ``hist`` (C, C)
+  int32 confusion matrix over **images** (rows = truth, columns = prediction)."""
+
+  def eval_step(params, rest, hist, batch):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    model.eval()
+    labels, valid = image_labels(batch)
+    preds = jnp.argmax(model(batch["image"], mask=batch["mask"]), axis=-1)
+    c = hist.shape[0]
+    idx = jnp.where(valid, labels * c + preds, c * c)
+    return hist + jnp.bincount(idx, length=c * c + 1)[:-1].reshape(c, c).astype(hist.dtype)
+
+  return jax.jit(eval_step, donate_argnums=(2,))
+
+
+def make_classifier_predict(graphdef):
+  """A jitted ``predict(params, rest, images, mask) -> (B, C)`` float32 class probabilities."""
+
+  def predict(params, rest, images, mask):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    model.eval()
+    return jax.nn.softmax(model(images, mask=mask), axis=-1)
 
   return jax.jit(predict)
