@@ -59,6 +59,12 @@ class LoadedModel:
   def num_classes(self) -> int:
     return int(self.model.num_classes)
 
+  @property
+  def task(self) -> str:
+    """``"segmentation"`` ((N, H, W, C) logits) or ``"classification"`` (an FCN classifier of
+    :mod:`fcnjax.models.classifier`: (N, C) logits)."""
+    return getattr(self.model, "task", "segmentation")
+
 
 def default_class_names(num_classes: int) -> tuple:
   """VOC's names for 21 classes, else ``("0", ..., str(C - 1))``."""
@@ -159,6 +165,14 @@ def load_workdir(workdir, step: int | None = None) -> LoadedModel:
   names = _class_names(meta.get("class_names"), int(model.num_classes), where)
   palette = _palette(meta.get("palette"), where)
   kind = "best" if use_best else "checkpoint"
+  if getattr(model, "task", "") == "classification":
+    info = {"model": config.model.name, "num_classes": str(config.model.num_classes),
+            "width_multiplier": repr(float(config.model.width_multiplier)),
+            "pooling": config.model.pooling, "task": "classification",
+            "preprocessing": model.preprocessing.name}
+    return LoadedModel(model, names, palette, model.preprocessing,
+                       f"{workdir} ({kind} step {chosen}, {config.model.name}, "
+                       f"width x{config.model.width_multiplier:g})", info)
   from fcnjax import weights
   return LoadedModel(model, names, palette, model.preprocessing,
                      f"{workdir} ({kind} step {chosen}, {config.model.name}, "

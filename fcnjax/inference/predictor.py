@@ -39,7 +39,8 @@ import numpy as np
 from fcnjax.data import buckets as buckets_lib
 from fcnjax.inference import images as images_lib
 from fcnjax.inference import tiling
-from fcnjax.inference.loading import LoadedModel, default_class_names, load_model
+from fcnjax.inference.loading import (LoadedModel, ModelLoadError, default_class_names,
+                                      load_model)
 
 AUTO_TILE_PIXELS = 2048 * 2048
 """Images (or TTA views) with more pixels than this are tiled automatically (``max_pixels``):
@@ -141,6 +142,13 @@ class _Job:
   tile: tiling.Tile | None
 
 
+def _refuse_classifier(task: str, where) -> None:
+  if task == "classification":
+    raise ModelLoadError(f"{where}: an image classifier (one class per image), not a "
+                         "segmentation model: serve it with python -m fcnjax.serve MODEL (class "
+                         "probabilities per image)")
+
+
 class Predictor:
   """Predict class maps / probabilities with a trained segmentation model.
 
@@ -213,6 +221,7 @@ class Predictor:
         if step is not None:
           raise ValueError("step only applies to a training workdir")
         exported = export_lib.load_exported(weights)
+        _refuse_classifier(getattr(exported, "task", "segmentation"), weights)
         self.backend = _ExportedBackend(exported)
         self.class_names = tuple(exported.class_names)
         self.palette = np.asarray(exported.palette, np.uint8)
@@ -225,6 +234,7 @@ class Predictor:
       self.description = "exported model"
       return
     if isinstance(weights, LoadedModel):
+      _refuse_classifier(weights.task, weights.description)
       self.backend = _ModelBackend(weights.model, weights.preprocessing)
       self.class_names, self.palette = weights.class_names, weights.palette
       self.description = weights.description

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fcnjax import preprocessing as preprocessing_lib
 from fcnjax.models import geometry
 
 TUTORIAL_WIDTHS = (32, 64, 128, 256, 512)
@@ -185,6 +186,7 @@ class FCNClassifier(nnx.Module):
     head_width: channels of the "fully connected" 1x1 conv (None: straight to the classes).
     dropout: dropout of the head (the tutorial's 0.2).
     batch_norm: BatchNorm in the head (after the 1x1 convs, as the tutorial).
+    (``model.preprocessing``: Caffe's convention with VGG16, torchvision's otherwise.)
     masked: use ``mask`` (default). ``False`` ignores it: padding is pooled and enters the
       BatchNorm statistics like pixels - the tutorial's way, kept for comparison only.
 
@@ -209,6 +211,10 @@ class FCNClassifier(nnx.Module):
     self.backbone = backbone
     self.num_classes = int(num_classes)
     self.pooling = pooling
+    # the input convention: Caffe's for VGG16 (as its ImageNet weights), torchvision's (RGB / 255,
+    # ImageNet mean / std) for the ResNets and the conv stack
+    self.preprocessing = (preprocessing_lib.CAFFE if type(backbone).__name__ == "VGG"
+                          else preprocessing_lib.TORCHVISION)
     self.masked = masked
     c = backbone.feature_channels[backbone.final_stage]
     if head_width:
