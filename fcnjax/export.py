@@ -1,10 +1,11 @@
 """Command line: ``python -m fcnjax.export WEIGHTS OUT [--step N] [--platforms cpu,cuda]
 [--overwrite]``.
 
-Writes ``OUT``, a serialized shape-polymorphic ``jax.export`` artifact of the segmentation model
-in WEIGHTS (uint8 RGB images (N, H, W, 3) -> float32 logits (N, H, W, C), any N, H, W >= 1,
-preprocessing inside, parameters baked in), and ``OUT.json`` beside it (class names, palette,
-input convention, translation period, platforms, versions: see
+Writes ``OUT``, a serialized shape-polymorphic ``jax.export`` artifact of the model in WEIGHTS
+(uint8 RGB images (N, H, W, 3) -> float32 logits: (N, H, W, C) for a segmentation model, any
+N, H, W >= 1; (N, C) for an FCN classifier, H, W at least its minimum input size;
+preprocessing inside, parameters baked in), and ``OUT.json`` beside it (task, class names,
+palette, input convention, minimum size, translation period, platforms, versions: see
 :func:`fcnjax.inference.export.export_model`). Reading it back needs only jax and numpy::
 
     exp = jax.export.deserialize(open(OUT, "rb").read()); logits = exp.call(images)
@@ -116,8 +117,12 @@ def main(argv=None) -> int:
     print(f"checked on {check['backend']}: max |artifact - model| {check['max_abs_diff']:.3g} "
           f"(max |logit| {check['max_abs_logit']:.3g}) at N x H x W "
           f"{', '.join('x'.join(map(str, s)) for s in check['sizes'])}")
-  print(f"input uint8 RGB (N, H, W, 3), {meta['shape_constraints']} -> float32 logits "
-        f"(N, H, W, {meta['num_classes']}); translation period {meta['translation_period']}")
+  if meta["task"] == "classification":
+    print(f"input uint8 RGB (N, H, W, 3), {meta['shape_constraints']} -> float32 logits "
+          f"(N, {meta['num_classes']}) ({meta['task']})")
+  else:
+    print(f"input uint8 RGB (N, H, W, 3), {meta['shape_constraints']} -> float32 logits "
+          f"(N, H, W, {meta['num_classes']}); translation period {meta['translation_period']}")
   print(f"compile: {compiles.counts().describe()} (cache {compilation.cache_dir() or 'off'})")
   return 0
 

@@ -125,6 +125,7 @@ def test_load_exported_round_trip(exported):
   assert export_lib.is_exported(out)
   model = export_lib.load_exported(out)
   assert model.num_classes == 5 and model.class_names == ("0", "1", "2", "3", "4")
+  assert model.task == "segmentation" and model.min_input_size == (1, 1)
   assert model.palette.shape == (256, 3) and model.palette.dtype == np.uint8
   assert model.pad_value_rgb == preprocessing_lib.CAFFE.pad_value_rgb
   assert model.translation_period == 32 and model.input_multiple == 32
@@ -138,6 +139,7 @@ def test_load_exported_round_trip(exported):
 def test_json_fields(exported):
   meta = json.loads(pathlib.Path(f"{exported['paths']['exact'][1]}.json").read_text())
   assert meta["format"] == "fcnjax-export" and meta["format_version"] == 1
+  assert meta["task"] == "segmentation" and meta["min_input_size"] == [1, 1]
   assert meta["input"] == {"dtype": "uint8", "layout": "NHWC RGB", "shape": ["N", "H", "W", 3]}
   assert meta["output"]["dtype"] == "float32" and meta["output"]["shape"] == ["N", "H", "W", 5]
   assert meta["num_classes"] == 5 and len(meta["class_names"]) == 5

@@ -1,16 +1,21 @@
-"""A loaded model -> a serialized, shape-polymorphic ``jax.export`` artifact, and back.
+"""A loaded model -> a serialized, shape-polymorphic ``jax.export`` artifact (reading it back:
+:mod:`fcnjax.serving.artifact`, re-exported here).
 
 :func:`export_model` writes two files:
 
 * ``OUT``: the bytes of ``jax.export.export(jax.jit(fn), platforms=...)(spec).serialize()``,
-  ``fn`` mapping **uint8 RGB images (N, H, W, 3)** to **float32 logits (N, H, W, C)** for any
-  N, H, W >= 1 (symbolic ``n, h, w``). The weights' preprocessing (Caffe BGR minus mean, or
+  ``fn`` mapping **uint8 RGB images (N, H, W, 3)** to float32 logits for any N >= 1 and H, W at
+  least the model's minimum input size (symbolic ``n, h, w``): **(N, H, W, C)** for a
+  segmenter, **(N, C)** for a classifier (a model with ``task == "classification"``, e.g.
+  :class:`fcnjax.models.FCNClassifier`). The weights' preprocessing (Caffe BGR minus mean, or
   torchvision RGB / 255 mean/std) runs inside ``fn``; the parameters are baked in as constants.
-  The model is the ``ops="lax"`` form of the loaded one (XLA's native ops, no custom VJPs).
-  By default it is lowered for ``("cpu", "cuda")``, so the file runs on either; where lowering
-  for CUDA fails, for the current backend only (the JSON says which).
-* ``OUT.json``: what a consumer needs beside it: class names, palette, the input convention,
-  the model's translation period and input multiple, versions (:func:`export_model`'s doc).
+  A segmenter is exported in the ``ops="lax"`` form of the loaded one (XLA's native ops, no
+  custom VJPs); a classifier as it is, in eval mode. By default it is lowered for
+  ``("cpu", "cuda")``, so the file runs on either; where lowering for CUDA fails, for the
+  current backend only (the JSON says which).
+* ``OUT.json``: what a consumer needs beside it: the task, class names, palette, the input
+  convention, the minimum input size, the model's translation period and input multiple,
+  versions (:func:`export_model`'s doc).
 
 Reading an artifact needs nothing but jax and numpy::
 
@@ -34,20 +39,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from fcnjax import preprocessing as preprocessing_lib
+from fcnjax.serving.artifact import (CLASSIFICATION, FORMAT, FORMAT_VERSION,  # noqa: F401
+                                     SEGMENTATION, ExportedModel, ExportError, is_exported,
+                                     load_exported)
+from fcnjax.serving.artifact import one_line as _one_line
 
-FORMAT = "fcnjax-export"
-FORMAT_VERSION = 1
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 SHAPE_CONSTRAINTS = ("h >= 1", "w >= 1")
-#: Input sizes (N, H, W) at which :func:`export_model` checks the artifact against the model.
+"""The symbolic sizes' constraints of a segmenter (any size); a classifier's are its minimum."""
+#: Input sizes (N, H, W) at which :func:`export_model` checks the artifact against the model
+#: (each side raised to the model's minimum input size).
 CHECK_SIZES = ((1, 64, 64), (2, 37, 53))
 #: Largest difference between the jnp and numpy preprocessing that :func:`export_model` accepts.
 PREPROCESSING_ATOL = 1e-6
-
-
-class ExportError(ValueError):
-  """An artifact cannot be written or read (the message starts with the path)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,17 +149,39 @@ def _is_splat(kernel) -> bool:
   return k.size > 1 and bool(np.all(k == k.reshape(-1)[0]))
 
 
-def lax_model(loaded):
-  """The ``ops="lax"`` form of ``loaded.model`` with its state, in eval mode.
+def task_of(loaded) -> str:
+  """``loaded.task``, else the model's ``task`` attribute, else ``"segmentation"``."""
+  return getattr(loaded, "task", None) or getattr(loaded.model, "task", SEGMENTATION)
 
-  Rebuilt with :func:`fcnjax.models.build_model` from ``loaded.info`` (plus the model's
-  batch-norm and dtype, which the info does not record); convolutions with an all-equal
-  kernel use :func:`_splat_kernel_conv`. ``ExportError`` if the state does not fit.
+
+def _with_splat_convs(model):
+  """Route the convolutions of ``model`` whose kernel is all-equal through
+  :func:`_splat_kernel_conv` (in place); return ``model``."""
+  from flax import nnx
+  for _, mod in nnx.iter_modules(model):
+    if isinstance(mod, nnx.Conv) and _is_splat(mod.kernel[...]):
+      mod.conv_general_dilated = _splat_kernel_conv
+  return model
+
+
+def lax_model(loaded):
+  """The exportable form of ``loaded.model`` with its state, in eval mode.
+
+  A classifier (``task == "classification"``) is a copy of the model as it is (its convs are
+  plain ``lax`` ones). A segmenter is the ``ops="lax"`` form, rebuilt with
+  :func:`fcnjax.models.build_model` from ``loaded.info`` (plus the model's batch-norm and
+  dtype, which the info does not record). Convolutions with an all-equal kernel use
+  :func:`_splat_kernel_conv`. ``ExportError`` if the state does not fit.
   """
   from flax import nnx
-  from fcnjax.models import build_model
 
   src, info = loaded.model, loaded.info
+  if task_of(loaded) == CLASSIFICATION:
+    model = nnx.clone(src)
+    model.eval()
+    model.preprocessing = loaded.preprocessing
+    return _with_splat_convs(model)
+  from fcnjax.models import build_model
   if "aligned" not in info or not hasattr(src.backbone, "blocks"):
     raise ExportError(f"{info.get('model')}: export supports the VGG16 FCNs only so far; the "
                       "ResNet models (symbolic sizes through their BatchNorm / bilinear resize) "
@@ -172,37 +199,66 @@ def lax_model(loaded):
     raise ExportError(f"cannot rebuild the model as ops='lax' from {info}: {e}") from e
   model.eval()
   model.preprocessing = loaded.preprocessing
-  for _, mod in nnx.iter_modules(model):
-    if isinstance(mod, nnx.Conv) and _is_splat(mod.kernel[...]):
-      mod.conv_general_dilated = _splat_kernel_conv
-  return model
+  return _with_splat_convs(model)
+
+
+def min_input_size(model) -> tuple:
+  """(h, w): the smallest input ``model`` accepts, from its layers' geometry (``size_ops`` of
+  the model or its backbone, see :func:`fcnjax.models.min_input_size`); (1, 1) for a model
+  without them."""
+  ops = getattr(model, "size_ops", None)
+  if ops is None:
+    ops = getattr(getattr(model, "backbone", None), "size_ops", None)
+  if ops is None:
+    return 1, 1
+  from fcnjax.models.geometry import min_input_length
+  n = int(min_input_length(ops))
+  return n, n
 
 
 def _logits_fn(model, pre_fn):
-  """``fn(images)``: (N, H, W, 3) uint8 RGB -> (N, H, W, C) float32 logits, params constant."""
+  """``fn(images)``: (N, H, W, 3) uint8 RGB -> float32 logits ((N, H, W, C) or (N, C)),
+  params constant."""
   def fn(images):
     return model(pre_fn(images)).astype(jnp.float32)
   return fn
 
 
-def _one_line(e: BaseException) -> str:
-  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-  return (lines[0] if lines else type(e).__name__)[:400]
+def _constraints(min_size) -> tuple:
+  mh, mw = min_size
+  return (f"h >= {int(mh)}", f"w >= {int(mw)}")
 
 
-def _export(fn, platforms):
+def _export(fn, platforms, min_size=(1, 1)):
   spec = jax.ShapeDtypeStruct(
-      jax.export.symbolic_shape("n, h, w, 3", constraints=SHAPE_CONSTRAINTS), jnp.uint8)
+      jax.export.symbolic_shape("n, h, w, 3", constraints=_constraints(min_size)), jnp.uint8)
   return jax.export.export(jax.jit(fn), platforms=tuple(platforms))(spec)
 
 
-def _check(exported, loaded, where) -> dict:
-  """Run the artifact on this backend at :data:`CHECK_SIZES`; compare with ``loaded.model``."""
+def _compute_dtype(model):
+  """The dtype of the model's first convolution (``None``: float32)."""
+  from flax import nnx
+  for _, mod in nnx.iter_modules(model):
+    if isinstance(mod, nnx.Conv):
+      return mod.dtype
+  return None
+
+
+def check_sizes(min_size=(1, 1)) -> tuple:
+  """:data:`CHECK_SIZES` with each side raised to ``min_size``."""
+  mh, mw = min_size
+  return tuple((n, max(h, mh), max(w, mw)) for n, h, w in CHECK_SIZES)
+
+
+def _check(exported, loaded, where, min_size=(1, 1)) -> dict:
+  """Run the artifact on this backend at :func:`check_sizes`; compare with ``loaded.model``
+  (outputs of any rank)."""
   rng = np.random.default_rng(0)
   worst, scale = 0.0, 0.0
   from flax import nnx
   reference = nnx.jit(lambda model, x: model(x))  # one program per size (eagerly: one per op)
-  for n, h, w in CHECK_SIZES:
+  sizes = check_sizes(min_size)
+  for n, h, w in sizes:
     images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
     got = np.asarray(exported.call(images))
     want = np.asarray(reference(loaded.model, jnp.asarray(loaded.preprocessing.fn(images))),
@@ -212,14 +268,23 @@ def _check(exported, loaded, where) -> dict:
                         f"model {want.shape}")
     worst = max(worst, float(np.abs(got - want).max()))
     scale = max(scale, float(np.abs(want).max()))
-  low = loaded.model.backbone.fc6.dtype not in (None, jnp.float32)
+  low = _compute_dtype(loaded.model) not in (None, jnp.float32)
   tol = (2e-2 if low else 1e-4) * max(scale, 1.0)
   if not worst <= tol:
     raise ExportError(f"{where}: the exported function differs from the model by {worst:.3g} "
                       f"(max |logit| {scale:.3g}, tolerance {tol:.3g})")
-  return {"backend": jax.default_backend(), "sizes": [list(s) for s in CHECK_SIZES],
+  return {"backend": jax.default_backend(), "sizes": [list(s) for s in sizes],
           "max_abs_diff": worst,
           "max_abs_logit": scale}
+
+
+def _translation_period(backbone):
+  """The total stride of ``backbone``'s final stage (``None`` without coordinate maps)."""
+  maps = getattr(backbone, "coord_maps", None)
+  stage = getattr(backbone, "final_stage", None)
+  if not maps or stage not in maps:
+    return None
+  return int(round(1 / maps[stage].scale))
 
 
 def _dumps(meta: dict) -> str:
@@ -249,12 +314,15 @@ def export_model(loaded, out_path, *, platforms=None) -> dict:
     platforms: platforms to lower for (e.g. ``("cpu",)``); ``None``: ``("cpu", "cuda")``, else
       (lowering for CUDA failed) the current backend only.
 
-  The metadata: ``format`` (``"fcnjax-export"``), ``format_version`` (1), ``input`` / ``output``
-  (dtype, layout, shape with ``"N"``, ``"H"``, ``"W"``), ``num_classes``, ``class_names``,
+  The metadata: ``format`` (``"fcnjax-export"``), ``format_version`` (1), ``task``
+  (``"segmentation"`` | ``"classification"``), ``input`` / ``output`` (dtype, layout, shape
+  with ``"N"``, ``"H"``, ``"W"``: ``["N", "H", "W", C]`` for a segmenter, ``["N", C]`` for a
+  classifier), ``min_input_size`` ([h, w]), ``num_classes``, ``class_names``,
   ``palette`` (256 RGB triples), ``preprocessing`` (``name``, ``channel_order``, ``scale``,
   ``mean``, ``std``, ``formula``; applied inside the artifact), ``pad_value_rgb``, ``model``
   (``info`` and ``description``), ``translation_period`` (the total stride: shifting the input
-  by a multiple of it shifts the logits alike), ``input_multiple``, ``shape_constraints``,
+  by a multiple of it shifts the logits alike; ``None`` for a classifier without coordinate
+  maps), ``input_multiple``, ``shape_constraints``,
   ``platforms`` (lowered for), ``platforms_requested``, ``platforms_note``, ``check`` (the
   comparison with the model on this backend, or ``None`` where the artifact is not lowered
   for it), ``fcnjax_version``, ``jax_version``, ``created`` (ISO date), ``export_seconds``.
@@ -280,19 +348,21 @@ def export_model(loaded, out_path, *, platforms=None) -> dict:
   except ExportError as e:
     raise ExportError(f"{where}: {e}") from e
   fn = _logits_fn(model, jnp_preprocessing(pre))
+  task = task_of(loaded)
+  min_size = min_input_size(model) if task == CLASSIFICATION else (1, 1)
 
   requested = tuple(platforms) if platforms else None
   note = "as requested"
   try:
     if requested is not None:
-      exported = _export(fn, requested)
+      exported = _export(fn, requested, min_size)
     else:
       try:
-        exported = _export(fn, DEFAULT_PLATFORMS)
+        exported = _export(fn, DEFAULT_PLATFORMS, min_size)
         note = "multi-platform lowering (cpu and cuda)"
       except Exception as e:  # noqa: BLE001 -- retried for this backend alone, below
         backend = jax.default_backend()
-        exported = _export(fn, (backend,))  # if this fails too, the problem is not cuda's
+        exported = _export(fn, (backend,), min_size)  # if this fails too, the problem is not cuda's
         note = f"lowering for cuda failed here ({_one_line(e)}): {backend} only"
   except Exception as e:  # noqa: BLE001 -- tracing / lowering errors of any kind
     if type(e).__name__ == "InconclusiveDimensionOperation":
@@ -308,16 +378,21 @@ def export_model(loaded, out_path, *, platforms=None) -> dict:
 
   check = None
   if jax.default_backend() in exported.platforms:
-    check = _check(jax.export.deserialize(data), loaded, where)
+    check = _check(jax.export.deserialize(data), loaded, where, min_size)
 
-  m = loaded.model
-  bb = m.backbone
+  bb = getattr(loaded.model, "backbone", None)
   num_classes = int(loaded.num_classes)
+  if task == CLASSIFICATION:
+    output = {"dtype": "float32", "layout": "NC logits", "kind": "logits",
+              "shape": ["N", num_classes]}
+  else:
+    output = {"dtype": "float32", "layout": "NHWC logits", "kind": "logits",
+              "shape": ["N", "H", "W", num_classes]}
   meta = {
-      "format": FORMAT, "format_version": FORMAT_VERSION,
+      "format": FORMAT, "format_version": FORMAT_VERSION, "task": task,
       "input": {"dtype": "uint8", "layout": "NHWC RGB", "shape": ["N", "H", "W", 3]},
-      "output": {"dtype": "float32", "layout": "NHWC logits", "kind": "logits",
-                 "shape": ["N", "H", "W", num_classes]},
+      "output": output,
+      "min_input_size": [int(v) for v in min_size],
       "num_classes": num_classes,
       "class_names": [str(n) for n in loaded.class_names],
       "palette": np.asarray(loaded.palette, np.uint8).astype(int).tolist(),
@@ -325,9 +400,9 @@ def export_model(loaded, out_path, *, platforms=None) -> dict:
                         "applied_inside": True},
       "pad_value_rgb": [int(v) for v in pre.pad_value_rgb],
       "model": {"info": dict(loaded.info), "description": loaded.description},
-      "translation_period": int(round(1 / bb.coord_maps[bb.final_stage].scale)),
-      "input_multiple": int(bb.input_multiple),
-      "shape_constraints": "N >= 1, H >= 1, W >= 1",
+      "translation_period": _translation_period(bb),
+      "input_multiple": int(getattr(bb, "input_multiple", 1)),
+      "shape_constraints": f"N >= 1, H >= {min_size[0]}, W >= {min_size[1]}",
       "platforms": list(exported.platforms),
       "platforms_requested": list(requested) if requested else list(DEFAULT_PLATFORMS),
       "platforms_note": note,
@@ -340,109 +415,3 @@ def export_model(loaded, out_path, *, platforms=None) -> dict:
   _write(out, data)
   _write(pathlib.Path(f"{out}.json"), _dumps(meta).encode())
   return meta
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-
-
-def _read_meta(path: pathlib.Path):
-  """The JSON beside ``path`` if it is an fcnjax export's, else ``None``."""
-  try:
-    meta = json.loads(pathlib.Path(f"{path}.json").read_text())
-  except (OSError, ValueError):
-    return None
-  return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
-
-
-def is_exported(path) -> bool:
-  """Whether ``path`` is a file with a ``path + ".json"`` beside it of format fcnjax-export."""
-  p = pathlib.Path(path)
-  return p.is_file() and _read_meta(p) is not None
-
-
-class ExportedModel:
-  """An artifact and its metadata; needs only jax and numpy to run.
-
-  Attributes: ``exported`` (:class:`jax.export.Exported`), ``meta`` (the JSON), ``path``,
-  ``num_classes``, ``class_names`` (tuple), ``palette`` ((256, 3) uint8), ``pad_value_rgb``
-  (tuple), ``translation_period``, ``input_multiple``, ``platforms``.
-  ``model(images)``: uint8 (N, H, W, 3) RGB -> float32 numpy logits (N, H, W, num_classes).
-  """
-
-  def __init__(self, exported, meta: dict, path=None):
-    self.exported = exported
-    self.meta = meta
-    self.path = path
-    self.num_classes = int(meta["num_classes"])
-    self.class_names = tuple(meta["class_names"])
-    self.palette = np.asarray(meta["palette"], np.uint8)
-    self.pad_value_rgb = tuple(int(v) for v in meta["pad_value_rgb"])
-    self.translation_period = int(meta["translation_period"])
-    self.input_multiple = int(meta["input_multiple"])
-    self.platforms = tuple(exported.platforms)
-    self._call = jax.jit(exported.call)
-
-  def __call__(self, images) -> np.ndarray:
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 \
-        or min(images.shape) < 1:
-      raise ValueError(f"expected uint8 RGB images (N, H, W, 3) with N, H, W >= 1, got "
-                       f"{images.dtype} {images.shape}")
-    return np.asarray(self._call(images), np.float32)
-
-  def __repr__(self) -> str:
-    return (f"ExportedModel({self.path}, {self.num_classes} classes, "
-            f"platforms {','.join(self.platforms)})")
-
-
-def load_exported(path) -> ExportedModel:
-  """Read an artifact written by :func:`export_model` (``path`` and ``path + ".json"``).
-
-  Raises :class:`ExportError` ``"PATH: ..."`` for a missing or unreadable file, a missing or
-  malformed JSON, one that is not an fcnjax export's (or of a newer format version), a
-  truncated / damaged artifact, or one whose signature is not uint8 (N, H, W, 3) -> float32
-  (N, H, W, num_classes).
-  """
-  p = pathlib.Path(path).expanduser()
-  if not p.is_file():
-    raise ExportError(f"{p}: no such file" if not p.exists() else f"{p}: not a file")
-  jp = pathlib.Path(f"{p}.json")
-  try:
-    data = p.read_bytes()
-    text = jp.read_text()
-  except FileNotFoundError:
-    raise ExportError(f"{p}: no metadata {jp.name} beside it: not an fcnjax export") from None
-  except (OSError, UnicodeDecodeError) as e:
-    raise ExportError(f"{p}: cannot read the artifact or its metadata ({e})") from None
-  try:
-    meta = json.loads(text)
-  except ValueError as e:
-    raise ExportError(f"{p}: its metadata {jp.name} is not JSON ({e})") from None
-  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-    raise ExportError(f"{p}: its metadata {jp.name} is not an fcnjax export's (format "
-                      f"{meta.get('format') if isinstance(meta, dict) else None!r})")
-  if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
-    raise ExportError(f"{p}: export format version {meta.get('format_version')!r}; this fcnjax "
-                      f"reads up to {FORMAT_VERSION}")
-  try:
-    exported = jax.export.deserialize(bytearray(data))
-  except ImportError as e:  # jax's serialization needs the flatbuffers package
-    raise ExportError(f"{p}: cannot deserialize: {_one_line(e)}") from None
-  except Exception as e:  # noqa: BLE001 -- flatbuffer / MLIR errors of any kind
-    raise ExportError(f"{p}: not a readable jax.export artifact (truncated or damaged?): "
-                      f"{type(e).__name__}: {_one_line(e)}") from None
-  try:
-    (inp,), (out,) = exported.in_avals, exported.out_avals
-    ok = (inp.dtype == np.uint8 and inp.ndim == 4 and inp.shape[-1] == 3
-          and out.dtype == np.float32 and out.ndim == 4
-          and out.shape[-1] == int(meta["num_classes"]))
-    model = ExportedModel(exported, meta, p) if ok else None
-  except (ValueError, TypeError, KeyError) as e:
-    raise ExportError(f"{p}: malformed metadata or signature ({type(e).__name__}: {e})") from None
-  if model is None:
-    raise ExportError(f"{p}: the artifact maps {exported.in_avals} -> {exported.out_avals}, not "
-                      f"uint8 (N, H, W, 3) -> float32 (N, H, W, {meta['num_classes']})")
-  if model.palette.shape != (256, 3):
-    raise ExportError(f"{p}: metadata palette has shape {model.palette.shape}, not (256, 3)")
-  return model
