@@ -137,8 +137,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--drain-timeout-s", type=_positive(float), default=30.0,
                  help="on SIGTERM, wait this long for requests in flight (default %(default)g)")
   p.add_argument("--warmup", type=_sizes, default=[],
-                 help="compile batch-1 programs for these sizes before serving (e.g. "
-                      "128x128,30x300)")
+                 help="compile the programs for these sizes before serving (e.g. "
+                      "128x128,30x300): batch 1, and with batching every padded batch size")
   p.add_argument("--access-log", action="store_true", help="log every request on stderr")
   p.add_argument("--compile-cache", default=compilation.DEFAULT_CACHE_DIR,
                  help="JAX persistent compilation cache folder ('' = off; "
@@ -175,8 +175,10 @@ def main(argv=None) -> int:
     model = models.open_model(args.model, step=args.step)
   except (ValueError, OSError) as e:  # ExportError, ModelLoadError, WeightsError are ValueErrors
     return _error(_one_line(e))
+  from fcnjax.serving.batching import batch_rows
+  rows = batch_rows(args.max_batch) if args.batch_window_ms > 0 else (1,)
   try:
-    model.warmup(args.warmup)
+    model.warmup(args.warmup, rows)
   except ValueError as e:
     return _error(f"--warmup: {_one_line(e)}")
   name = args.name or default_name(args.model)

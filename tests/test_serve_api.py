@@ -16,7 +16,7 @@ from PIL import Image
 
 from fcnjax.serving import api
 from fcnjax.serving import images as images_lib
-from fcnjax.serving.batching import Batcher, padded_rows
+from fcnjax.serving.batching import Batcher, batch_rows, padded_rows
 
 SEG, CLS = api.SEGMENTATION, api.CLASSIFICATION
 
@@ -252,6 +252,8 @@ def test_bodies():
 def test_padded_rows():
   assert [padded_rows(n, 16) for n in (1, 2, 3, 5, 9, 16, 20)] == [1, 2, 4, 8, 16, 16, 20]
   assert padded_rows(3, 2) == 3
+  assert batch_rows(16) == (1, 2, 4, 8, 16) and batch_rows(6) == (1, 2, 4, 6)
+  assert all(padded_rows(n, 6) in batch_rows(6) for n in range(1, 7))
 
 
 def test_batcher_batches_concurrent_calls_of_one_size():

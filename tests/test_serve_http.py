@@ -69,39 +69,22 @@ import pytest  # noqa: E402 -- the script above needs none of the test machinery
 
 
 def _tiny_segmenter_export(out: pathlib.Path):
-  """Export a 1/16-width aligned FCN-8s with random He-normal kernels and zero biases.
-
-  The parameters are drawn with numpy into the model's abstract state (``nnx.eval_shape``):
-  jax's random initialisers would compile a program per parameter shape, most of this
-  module's time on a cold compilation cache."""
-  import jax
+  """Export a 1/16-width aligned FCN-8s with random He-normal kernels (numpy-drawn: see
+  ``test_export_classifier.numpy_init``) and zero biases; each score head's class kernels sum
+  to zero, so the features' common (ReLU, positive) mean cancels and no class wins everywhere."""
   import jax.numpy as jnp
-  from flax import nnx
   from fcnjax import weights
   from fcnjax.data.palette import VOC_PALETTE
   from fcnjax.inference import export as export_lib
   from fcnjax.inference.loading import LoadedModel, default_class_names
   from fcnjax.models import build_model
+  from test_export_classifier import numpy_init
 
-  abstract = nnx.eval_shape(lambda: build_model("fcn8s", 5, width_multiplier=1 / 16,
-                                                aligned=True, seed=0))
-  graphdef, state = nnx.split(abstract)
-  rng = np.random.default_rng(1)
-  for path, var in nnx.to_flat_state(state):
-    if isinstance(var, nnx.Param):
-      shape = var.shape
-      std = np.sqrt(2 / np.prod(shape[:-1])) if len(shape) == 4 else 0.0
-      value = rng.normal(0, 1, shape) * std
-      if "score" in str(path[0]) and len(shape) == 4:
-        # zero-sum class kernels: the features' common (ReLU, positive) mean cancels, so no
-        # class wins everywhere
-        value -= value.mean(axis=(0, 1, 2), keepdims=True)
-      var.set_value(jnp.asarray(value, jnp.float32))
-    elif isinstance(var, nnx.RngKey):
-      var.set_value(jax.random.key(0))
-    else:
-      var.set_value(jnp.zeros(var.shape, var.dtype))
-  model = nnx.merge(graphdef, state)
+  model = numpy_init(lambda: build_model("fcn8s", 5, width_multiplier=1 / 16, aligned=True,
+                                         seed=0), seed=1)
+  for head in [model.score_fr, *model.score_skips]:
+    k = np.asarray(head.conv.kernel[...])
+    head.conv.kernel.set_value(jnp.asarray(k - k.mean(axis=(0, 1, 2), keepdims=True)))
   model.eval()
   loaded = LoadedModel(model, default_class_names(5), np.asarray(VOC_PALETTE, np.uint8),
                        model.preprocessing, "tiny fcn8s", weights.describe(model))

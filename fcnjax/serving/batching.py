@@ -26,6 +26,15 @@ def padded_rows(rows: int, max_batch: int) -> int:
   return max(rows, min(p, max_batch))
 
 
+def batch_rows(max_batch: int) -> tuple:
+  """Every row count a batch is padded to: 1, 2, 4, ... up to ``max_batch`` (included)."""
+  rows, p = [], 1
+  while p < max_batch:
+    rows.append(p)
+    p *= 2
+  return tuple(rows + [max_batch])
+
+
 class _Batch:
   def __init__(self):
     self.parts = []        # (images, slot index)

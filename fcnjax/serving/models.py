@@ -78,10 +78,11 @@ class ServedModel:
     except Exception:  # noqa: BLE001 -- a private jax API: best effort
       return -1
 
-  def warmup(self, sizes) -> None:
-    """Compile batch-1 programs for each (h, w) in ``sizes`` now."""
+  def warmup(self, sizes, rows=(1,)) -> None:
+    """Compile the programs for each (h, w) in ``sizes`` and each batch size in ``rows`` now."""
     for h, w in sizes:
-      self(np.zeros((1, int(h), int(w), 3), np.uint8))
+      for n in rows:
+        self(np.zeros((int(n), int(h), int(w), 3), np.uint8))
 
   def info(self) -> dict:
     """The model's description for the metadata endpoint."""
