@@ -35,6 +35,7 @@ from flax import nnx
 
 from fcnjax import preprocessing as preprocessing_lib
 from fcnjax.models import geometry
+from fcnjax.models.taps import record
 
 TUTORIAL_WIDTHS = (32, 64, 128, 256, 512)
 """The tutorial's conv widths."""
@@ -126,7 +127,7 @@ class ConvStack(nnx.Module):
     for i, (conv, norm, drop) in enumerate(zip(self.convs, norms, self.drops)):
       x = drop(conv(x))
       x = jax.nn.relu(_masked_norm(norm, x, None if masks is None else masks[i]))
-      out[f"block{i + 1}"] = x
+      x = record(out, f"block{i + 1}", x)
     feats = {"features": x}
     return (feats, out) if return_intermediates else feats
 
@@ -263,11 +264,9 @@ class FCNClassifier(nnx.Module):
     valid = None if mask is None else _valid_cells(mask, self.size_ops, f.shape)
     if self.head is not None:
       f = self.drop(self.head(f))
-      f = jax.nn.relu(_masked_norm(self.head_norm, f, valid))
-      out["head"] = f
+      f = record(out, "head", jax.nn.relu(_masked_norm(self.head_norm, f, valid)))
     s = self.score_drop(self.score(f))
-    s = _masked_norm(self.score_norm, s, valid)
-    out["scores"] = s
+    s = record(out, "scores", _masked_norm(self.score_norm, s, valid))
     logits = masked_global_pool(s, valid, self.pooling).astype(jnp.float32)
     return (logits, out) if return_intermediates else logits
 

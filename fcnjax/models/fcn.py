@@ -26,6 +26,7 @@ from flax import nnx
 from fcnjax import preprocessing as preprocessing_lib
 from fcnjax.models import cpu_ops, geometry
 from fcnjax.models.layers import BilinearUpsample, ScoreHead, crop, fuse
+from fcnjax.models.taps import record
 from fcnjax.models.vgg import VGG
 
 
@@ -153,7 +154,7 @@ class FCN(nnx.Module):
       # m * ceil(h / m) - h (= -h % m), in a form that stays simple for symbolic h (jax.export)
       x = jnp.pad(x, ((0, 0), (0, m * ((h + m - 1) // m) - h), (0, m * ((w + m - 1) // m) - w),
                       (0, 0)))
-      out["pad"] = x
+      x = record(out, "pad", x)
     if return_intermediates:
       feats, backbone_out = self.backbone(x, return_intermediates=True)
       out.update(backbone_out)
@@ -165,20 +166,14 @@ class FCN(nnx.Module):
           f"input {h}x{w} is too small for this backbone: its {self.backbone.final_stage} map "
           f"is empty ({final.shape[1]}x{final.shape[2]}); floor pooling shrinks maps where the "
           "reference's ceil pooling does not")
-    scores = self.score_fr(final)
-    out["score_fr"] = scores
+    scores = record(out, "score_fr", self.score_fr(final))
     for name, up_name, up, head, offset in zip(self.skips, self.upscore_names, self.upscore_skips,
                                                self.score_skips, self.skip_offsets):
-      scores = up(scores)
-      out[up_name] = scores
-      skip_scores = head(feats[name])
-      out[f"score_{name}"] = skip_scores
-      scores = fuse(scores, skip_scores, offset)
-      out[f"fuse_{name}"] = scores
-    scores = self.upscore_final(scores)
-    out[self.upscore_names[-1]] = scores
-    logits = crop(scores, self.final_offset, h, w)
-    out["crop"] = logits
+      scores = record(out, up_name, up(scores))
+      skip_scores = record(out, f"score_{name}", head(feats[name]))
+      scores = record(out, f"fuse_{name}", fuse(scores, skip_scores, offset))
+    scores = record(out, self.upscore_names[-1], self.upscore_final(scores))
+    logits = record(out, "crop", crop(scores, self.final_offset, h, w))
     return (logits, out) if return_intermediates else logits
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from fcnjax.models import cpu_ops, geometry
+from fcnjax.models.taps import record
 
 
 def _check_rounding(rounding: str) -> None:
@@ -173,8 +174,11 @@ class ConvBlock(nnx.Module):
     return {f"conv{i + 1}": tuple(m for m in (conv, norm) if m is not None)
             for i, (conv, norm) in enumerate(zip(self.convs, norms))}
 
-  def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
+  def __call__(self, x: jax.Array, *, return_intermediates: bool = False, name_of=None):
+    """``name_of`` maps a local intermediate name (``"conv1"``, ``"pool"``) to the model-wide
+    one that :func:`fcnjax.models.taps.perturbed` uses (default: the local name)."""
     out = collections.OrderedDict()
+    name_of = name_of or (lambda k: k)
     if self.first_padding >= 2:
       # Padding 2 as an explicit pad of 1 plus the conv's own 1: the same numbers, but with
       # padding inside the op XLA:CPU's weight-gradient convolution is very slow (see
@@ -189,10 +193,10 @@ class ConvBlock(nnx.Module):
       x = jax.nn.relu(x)
       if self.dropout is not None:
         x = self.dropout(x)
-      out[f"conv{i + 1}"] = x
+      x = record(out, name_of(f"conv{i + 1}"), x, key=f"conv{i + 1}")
     if self.pool is not None:
       x = self.max_pool(x, self.pool)
-      out["pool"] = x
+      x = record(out, name_of("pool"), x, key="pool")
     return (x, out) if return_intermediates else x
 
 

@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from fcnjax.models import geometry
+from fcnjax.models.taps import record
 from fcnjax.models.vgg import scale_width
 
 DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
@@ -164,8 +165,7 @@ class _Backbone(nnx.Module):
     feats = {}
     for i, stage in enumerate(self.stages()):
       for j, block in enumerate(stage):
-        x = block(x)
-        out[f"layer{i + 1}.{j}"] = x
+        x = record(out, f"layer{i + 1}.{j}", block(x))
       feats[f"layer{i + 1}"] = x
     return x, feats
 
@@ -233,10 +233,8 @@ class ResNet(_Backbone):
 
   def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
     out = collections.OrderedDict()
-    x = jax.nn.relu(self.bn1(self.conv1(x)))
-    out["stem"] = x
-    x = max_pool_3x3(x)
-    out["maxpool"] = x
+    x = record(out, "stem", jax.nn.relu(self.bn1(self.conv1(x))))
+    x = record(out, "maxpool", max_pool_3x3(x))
     _, feats = self._blocks_out(x, out)
     return (feats, out) if return_intermediates else feats
 
@@ -316,13 +314,10 @@ class PreActResNet(_Backbone):
 
   def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
     out = collections.OrderedDict()
-    x = self.conv1(x)
-    out["stem"] = x
-    x = max_pool_3x3(x, pad_value=0.0)
-    out["maxpool"] = x
+    x = record(out, "stem", self.conv1(x))
+    x = record(out, "maxpool", max_pool_3x3(x, pad_value=0.0))
     x, feats = self._blocks_out(x, out)
-    x = jax.nn.relu(self.post_bn(x))
-    out["post_bn"] = x
+    x = record(out, "post_bn", jax.nn.relu(self.post_bn(x)))
     feats["layer4"] = x
     return (feats, out) if return_intermediates else feats
 

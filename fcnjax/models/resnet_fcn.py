@@ -32,6 +32,7 @@ from fcnjax import preprocessing as preprocessing_lib
 from fcnjax.models import resnet as resnet_lib
 from fcnjax.models.fcn import FCN
 from fcnjax.models.layers import bilinear_kernel, transposed_conv
+from fcnjax.models.taps import record
 
 
 @functools.lru_cache(maxsize=256)
@@ -116,10 +117,8 @@ class TorchvisionFCN(nnx.Module):
     if return_intermediates and self.aux_classifier is not None:
       # its own row in summaries (not part of the logits)
       out["aux_classifier"] = self.aux_classifier(feats["layer3"])
-    scores = self.classifier(feats["layer4"])
-    out["classifier"] = scores
-    logits = resize_bilinear(scores, h, w)
-    out["resize"] = logits
+    scores = record(out, "classifier", self.classifier(feats["layer4"]))
+    logits = record(out, "resize", resize_bilinear(scores, h, w))
     if return_intermediates:
       return logits, out
     if not return_aux:
@@ -201,11 +200,9 @@ class D2LFCN(nnx.Module):
     y = self.final_conv(feats["layer4"])
     if self.relu_after_score:
       y = jax.nn.relu(y)
-    out["final_conv"] = y
-    y = self.transpose_conv(y)
-    out["transpose_conv"] = y
-    logits = y[:, :h, :w, :]
-    out["crop"] = logits
+    y = record(out, "final_conv", y)
+    y = record(out, "transpose_conv", self.transpose_conv(y))
+    logits = record(out, "crop", y[:, :h, :w, :])
     return (logits, out) if return_intermediates else logits
 
 

@@ -29,6 +29,7 @@ from flax import nnx
 
 from fcnjax.models import cpu_ops, geometry
 from fcnjax.models.layers import ConvBlock, conv_general_dilated_for
+from fcnjax.models.taps import record
 
 VGG16_DEPTHS = (2, 2, 3, 3, 3)
 VGG16_WIDTHS = (64, 128, 256, 512, 512)
@@ -124,13 +125,12 @@ class VGG(nnx.Module):
   def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
     feats, out = {}, collections.OrderedDict()
     for i, block in enumerate(self.blocks):
-      x, block_out = block(x, return_intermediates=True)
+      x, block_out = block(x, return_intermediates=True,
+                           name_of=lambda k, i=i: _layer_name(i, k))
       out.update((_layer_name(i, k), v) for k, v in block_out.items())
       feats[f"pool{i + 1}"] = x
-    x = self.drop6(jax.nn.relu(self.fc6(x)))
-    out["fc6"] = x
-    x = self.drop7(jax.nn.relu(self.fc7(x)))
-    out["fc7"] = x
+    x = record(out, "fc6", self.drop6(jax.nn.relu(self.fc6(x))))
+    x = record(out, "fc7", self.drop7(jax.nn.relu(self.fc7(x))))
     feats["fc7"] = x
     return (feats, out) if return_intermediates else feats
 
