@@ -11,7 +11,7 @@ of the images long thin strips (h ~ 30, w ~ 300), half photo-like sizes.
 Presets (``--config classify:PRESET``):
 
 * ``cpu`` (default): the tutorial's widths / 4, AdamW 3e-3 with cosine decay, batch 16 in 4 size
-  buckets, 8 epochs; minutes on 2 CPU cores (experiments/classify/README.md).
+  buckets, 6 epochs; minutes on 2 CPU cores (experiments/classify/README.md).
 * ``tutorial``: the tutorial's full widths and its optimiser (Adam 1e-4), 30 epochs: a GPU job.
 * ``resize`` / ``padzeros``: the ``cpu`` run the tutorial's two ways, for comparison: every image
   squashed to 64 x 64, or zero-padded with unmasked pooling / BatchNorm.
@@ -24,7 +24,7 @@ def cpu(c):
   c.model.width_multiplier = 1 / 4
   c.optim.update(optimizer="adamw", learning_rate=3e-3, weight_decay=1e-4, schedule="cosine",
                  warmup_steps=20)
-  c.train.epochs = 8
+  c.train.epochs = 6
   c.data.batch_size = 16
   c.data.max_buckets = "4"
   c.eval.every_epochs = 2
