@@ -261,6 +261,9 @@ def _gradcam(args, loaded, out_dir, items) -> list:
       note = " - the heatmap is empty (no positive evidence at this layer"
       note += (": the class is predicted nowhere; pass --region or --class)"
                if not classifier and args.region is None and r.region_pixels[0] == 0 else ")")
+    if r.layer_map.shape[1] * r.layer_map.shape[2] < 16 and args.layer is None:
+      note += (f" - note: {layer} is only {r.layer_map.shape[1]}x{r.layer_map.shape[2]} cells at "
+               "this image size, too coarse to localise; try a finer layer (`layers` lists them)")
     base = out_dir / f"{stem}_gradcam_{_safe(name)}"
     base.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(plots.overlay(rgb, r.heatmap[0], args.alpha)).save(f"{base}.png")
