@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from fcnjax import export, weights
+from fcnjax.weights import __main__ as weights_cli
 from fcnjax.data import synthetic_classes as sc
 from fcnjax.experiments import classify
 from fcnjax.interpret import cli
@@ -135,3 +136,22 @@ def test_segmenter_safetensors_with_a_region_and_exported_models_refused(photos,
   assert rc == 1 and "an exported model keeps no named layers" in errors(err)[0]
   rc, _, err = run(["layers", tmp_path / "missing.safetensors"], capsys)
   assert rc == 1 and len(errors(err)) == 1 and "missing.safetensors" in errors(err)[0]
+
+
+def test_a_classifier_saved_from_its_workdir_is_the_same_model(classifier_run, photos, tmp_path,
+                                                               capsys):
+  """python -m fcnjax.weights save WORKDIR OUT.safetensors; interpret takes either."""
+  workdir, _ = classifier_run
+  path = tmp_path / "clf.safetensors"
+  assert weights_cli.main(["save", str(workdir), str(path)]) == 0
+  assert "5 classes (classification)" in capsys.readouterr().out
+  outs = []
+  for i, source in enumerate((workdir, path)):
+    out = tmp_path / f"out{i}"
+    rc, text, _ = run(["gradcam", source, photos / "thing.png", "--out", out], capsys)
+    assert rc == 0
+    outs.append(next(out.glob("thing_gradcam_*.png")))
+  assert outs[0].name == outs[1].name  # the same class names, from the file's metadata
+  np.testing.assert_array_equal(np.asarray(Image.open(outs[0])), np.asarray(Image.open(outs[1])))
+  assert weights_cli.main(["save", str(tmp_path / "nowhere"), str(path)]) == 2
+  assert "nowhere: not a folder" in capsys.readouterr().err

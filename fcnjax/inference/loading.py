@@ -7,7 +7,8 @@ What a user can point ``predict`` / ``export`` / :class:`~fcnjax.inference.Predi
   ``checkpoints/``). The model is rebuilt from the config the checkpoint stores; class names and
   palette come from its meta (checkpoints written before they were stored there: the VOC names
   for 21 classes, else ``0 .. C-1``, and the VOC palette).
-* an fcnjax **weights file** (``.safetensors`` written by :func:`fcnjax.weights.save`), or a
+* an fcnjax **weights file** (``.safetensors`` written by :func:`fcnjax.weights.save` or
+  ``python -m fcnjax.weights save WORKDIR OUT``; a segmenter's or a classifier's), or a
   **pytorch-fcn** checkpoint (``fcn8s_from_caffe.pth`` ...), through :func:`fcnjax.weights.load`.
   Optional metadata keys ``class_names`` / ``palette`` (JSON lists) name the classes and colours.
 
@@ -188,6 +189,8 @@ def load_weights_file(path) -> LoadedModel:
   from fcnjax.weights.loading import _source
   path = pathlib.Path(path)
   model = weights.load(path)
+  if getattr(model, "task", "") == "classification":
+    return _classifier_file(path, model)
   if not layouts.is_fcn(model):
     raise ModelLoadError(f"{path}: a bare backbone (VGG16 / ResNet) without score layers, "
                          "not a segmentation model: train a segmenter from it first (--init)")
@@ -204,6 +207,28 @@ def load_weights_file(path) -> LoadedModel:
                      _palette(palette, str(path)), model.preprocessing,
                      f"{path} ({info['model']}, {_geometry(info)}"
                      f"width x{float(info['width_multiplier']):g})", info)
+
+
+def _classifier_file(path, model) -> LoadedModel:
+  from fcnjax import weights
+  from fcnjax.weights.loading import _source
+  model.eval()
+  _, metadata, _ = _source(path)
+  try:
+    names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
+  except ValueError as e:
+    raise ModelLoadError(f"{path}: metadata class_names is not JSON ({e})") from None
+  info = weights.describe(model)
+  return LoadedModel(model, _class_names(names, int(model.num_classes), str(path)),
+                     _palette(None, str(path)), model.preprocessing,
+                     f"{path} ({info['model']}, {_classifier_width(info)})", info)
+
+
+def _classifier_width(info) -> str:
+  widths = json.loads(info.get("classifier_options", "{}")).get("widths")
+  if widths:
+    return "widths " + "-".join(map(str, widths))
+  return f"width x{float(info['width_multiplier']):g}"
 
 
 def _geometry(info) -> str:

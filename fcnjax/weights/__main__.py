@@ -1,9 +1,13 @@
-"""Command line: ``python -m fcnjax.weights {convert,inspect}``.
+"""Command line: ``python -m fcnjax.weights {convert,save,inspect}``.
 
 ``convert SRC DST --layout {torchvision-vgg16,pytorch-fcn,torchvision-resnet,torchvision-fcn-resnet}
 [--model fcn8s] [--num-classes N]
 [--preprocessing caffe|torchvision]`` writes an fcnjax ``.safetensors`` (with metadata: layout,
 model, num_classes, preprocessing, ...) that ``fcnjax.weights.load(DST)`` reads back directly.
+
+``save WORKDIR DST [--step N]`` writes the model of a training workdir (its best checkpoint,
+else the latest; classifiers and segmenters alike) as an fcnjax ``.safetensors``, with its
+class names (and a segmenter's palette) in the metadata.
 
 ``inspect FILE`` prints the keys, shapes and dtypes, the parameter count, the inferred layout and
 any metadata.
@@ -78,6 +82,10 @@ def main(argv=None) -> int:
                  help="classes of the model built from an ImageNet backbone (default 21)")
   c.add_argument("--preprocessing", default=None, choices=["caffe", "torchvision"],
                  help="override the input convention recorded for the weights")
+  w = sub.add_parser("save", help="a training workdir's model as an fcnjax .safetensors")
+  w.add_argument("workdir")
+  w.add_argument("dst", help="output .safetensors")
+  w.add_argument("--step", type=int, default=None, help="the checkpoint step (default: best)")
   i = sub.add_parser("inspect", help="keys, shapes, parameter count, inferred layout")
   i.add_argument("file")
   args = parser.parse_args(argv)
@@ -86,6 +94,8 @@ def main(argv=None) -> int:
   try:
     if args.command == "inspect":
       return _inspect(args.file)
+    if args.command == "save":
+      return _save(args)
     from fcnjax.weights.api import convert, describe
     model, report = convert(args.src, args.dst, layout=args.layout, model=args.model,
                             num_classes=args.num_classes, preprocessing=args.preprocessing)
@@ -94,9 +104,29 @@ def main(argv=None) -> int:
           f"{meta.get('num_classes', '-')} classes, preprocessing {meta.get('preprocessing')}")
     print(report)
     return 0
-  except (WeightsError, OSError) as e:  # OSError: a safety net, io wraps what it knows of
+  except (WeightsError, OSError, ValueError) as e:  # ValueError: ModelLoadError of `save`;
+    # OSError: a safety net, io wraps what it knows of
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
+
+
+def _save(args) -> int:
+  import json
+  import pathlib
+  from fcnjax.inference import loading
+  from fcnjax.weights.api import save
+  workdir = pathlib.Path(args.workdir)
+  if not workdir.is_dir():
+    raise loading.ModelLoadError(f"{workdir}: not a folder (give a training workdir)")
+  if not str(args.dst).endswith(".safetensors"):
+    raise loading.ModelLoadError(f"{args.dst}: the output must be a .safetensors file")
+  loaded = loading.load_model(workdir, step=args.step)
+  meta = {"class_names": json.dumps(list(loaded.class_names))}
+  if loaded.task == "segmentation":
+    meta["palette"] = json.dumps(np.asarray(loaded.palette)[:loaded.num_classes].tolist())
+  save(loaded.model, args.dst, metadata=meta)
+  print(f"wrote {args.dst}: {loaded.description}; {loaded.num_classes} classes ({loaded.task})")
+  return 0
 
 
 def _one_line(e: BaseException) -> str:

@@ -23,7 +23,7 @@ from flax import nnx
 from fcnjax import models
 from fcnjax.models import registry
 from fcnjax.models.registry import build_model
-from fcnjax.weights import io, layouts as L
+from fcnjax.weights import classifiers, io, layouts as L
 from fcnjax.weights.errors import (LayoutError, MissingKeyError, ShapeMismatchError, WeightsError,
                                    about_file)
 from fcnjax.weights.loading import (LoadReport, apply, default_preprocessing, _source,
@@ -154,6 +154,8 @@ def _resnet_model_name(model, bb) -> str:
 
 def model_name(model) -> str:
   """``"vgg16"`` for a bare backbone, else the model's name in :mod:`fcnjax.models.registry`."""
+  if classifiers.is_classifier(model):
+    return classifiers.model_name(model)
   bb = L.resnet_of(model)
   if bb is not None:
     return _resnet_model_name(model, bb)
@@ -168,6 +170,8 @@ def model_name(model) -> str:
 
 def describe(model) -> dict[str, str]:
   """Metadata that lets :func:`build_model` rebuild ``model``'s architecture."""
+  if classifiers.is_classifier(model):
+    return classifiers.describe(model) | {"format_version": FORMAT_VERSION}
   rb = L.resnet_of(model)
   if rb is not None:
     meta = {"format": L.FCNJAX, "format_version": FORMAT_VERSION, "model": model_name(model),
@@ -332,6 +336,8 @@ def load(src, model=None, *, layout: str | None = None, model_name_override: str
   with about_file(_path_of(src)):
     tensors, metadata, path = _source(src)
     layout = layout or L.infer_layout(tensors, metadata)
+    if _classifier_file(metadata) or (model is not None and classifiers.is_classifier(model)):
+      return _load_classifier(tensors, metadata, model, preprocessing)
     if model is None:
       spec = _model_from_file(tensors, metadata, layout, path, model_name_override, num_classes)
       return _build_and_load(spec, tensors, layout, metadata=metadata, path=path,
@@ -341,6 +347,34 @@ def load(src, model=None, *, layout: str | None = None, model_name_override: str
           heads=_has_heads(tensors), preprocessing=preprocessing,
           allow_geometry_change=allow_geometry_change)
     return model
+
+
+def _classifier_file(metadata) -> bool:
+  name = metadata.get("model")
+  return (metadata.get("format") == L.FCNJAX and name in registry.SPECS
+          and registry.SPECS[name].family == "classifier")
+
+
+def _load_classifier(tensors, metadata, model, preprocessing):
+  """A classifier file into ``model`` or into the model its metadata describes
+  (:mod:`fcnjax.weights.classifiers`); ``model.preprocessing`` from the file unless given."""
+  if model is not None and not classifiers.is_classifier(model):
+    raise LayoutError(f"a classifier's weight file ({metadata.get('model')}) cannot be loaded "
+                      f"into a {type(model).__name__}")
+  if model is not None and not _classifier_file(metadata):
+    raise LayoutError(f"not an fcnjax classifier file (metadata 'model' is "
+                      f"{metadata.get('model', 'absent')!r}): cannot load it into a classifier")
+  if model is None:
+    if not _classifier_file(metadata):
+      raise LayoutError("not an fcnjax classifier file (metadata 'model' names no classifier): "
+                        "cannot load it into a classifier")
+    kwargs = classifiers.build_kwargs(metadata, parse_fcnjax_metadata(metadata))
+    model = _build(kwargs)
+  classifiers.load_into(model, tensors)
+  pre = resolve_preprocessing(preprocessing) or default_preprocessing(L.FCNJAX, metadata, None)
+  if metadata.get("preprocessing") or preprocessing is not None:
+    model.preprocessing = pre
+  return model
 
 
 def _is_abstract(var) -> bool:
