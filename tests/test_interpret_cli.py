@@ -46,6 +46,9 @@ def classifier_run(tmp_path_factory):
                       "--width-multiplier", "0.0625", "--batch-size", "8", "--max-buckets", "1",
                       "--val-fraction", "0.2", "--compile-cache", ""])
   assert rc == 0
+  # the classify CLI's outputs: top-1 in the metrics, the confusion matrix, a best checkpoint
+  assert (workdir / "confusion.png").is_file() and any((workdir / "best").iterdir())
+  assert "top1" in (workdir / "final_metrics.json").read_text()
   return workdir, root
 
 
@@ -128,6 +131,9 @@ def test_segmenter_safetensors_with_a_region_and_exported_models_refused(photos,
   assert rc == 1  # the strip is 31 px high: the region is outside it, skipped and named
   assert "strip.jpg: --region 10,5,60,35 is outside the 200x31 image" in err
   assert "logits summed over --region 10,5,60,35 (1500 px)" in text
+  rc, text, _ = run(["gradcam", model_file, photos / "thing.png", "--out", out, "--class", "3",
+                     "--region", "0,0,2,2", "--layer", "pool1"], capsys)
+  assert rc == 0 and ("no peak" in text) == ("heatmap is empty" in text)
   assert Image.open(next(out.glob("thing_gradcam_*.png"))).size == (90, 40)
   artifact = tmp_path / "fcn.exported"
   assert export.main([str(model_file), str(artifact), "--compile-cache", ""]) == 0

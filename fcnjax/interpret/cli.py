@@ -271,8 +271,9 @@ def _gradcam(args, loaded, out_dir, items) -> list:
                        f"{path.name}: Grad-CAM of {name!r} at {layer}; {what}", args.alpha,
                        box=args.region)
     peak = np.unravel_index(int(np.argmax(r.heatmap[0])), r.heatmap[0].shape)
+    where = f"peak at x={peak[1]} y={peak[0]}" if r.heatmap[0].max() > 0 else "no peak"
     print(f"{path}: class {name} at {layer} {r.layer_map.shape[1]}x{r.layer_map.shape[2]}, "
-          f"{what}; peak at x={peak[1]} y={peak[0]} -> {base}.png{note}", flush=True)
+          f"{what}; {where} -> {base}.png{note}", flush=True)
   return failed
 
 
