@@ -21,6 +21,7 @@ def quick_run(tmp_path_factory):
   return json.loads(out.read_text()), out, proc.stdout
 
 
+@pytest.mark.slow
 def test_every_strategy_compiles_and_has_sane_numbers(quick_run):
   report, _, _ = quick_run
   by_name = {s["name"]: s for s in report["strategies"]}
@@ -154,6 +155,7 @@ def test_pixel_cost_is_positive_even_when_noise_tilts_the_fit():
   assert bb.pixel_cost(tilted, tilted) == pytest.approx(0.30 / (7000 / 3))  # through origin
 
 
+@pytest.mark.slow
 def test_calibrate_writes_a_profile_that_auto_reads(tmp_path):
   # --calibrate measures cold (empty persistent cache) and warm (loaded from it) compiles and the
   # step cost per pixel; the profile it writes is what --cost-profile and the trainer read

@@ -24,6 +24,7 @@ def _pos(x):
   return isinstance(x, float) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_quick_report(quick_run):
   from benchmarks import step_split as ss
   report, stdout = quick_run

@@ -12,6 +12,7 @@ pytest.importorskip("torch", reason="the vs-PyTorch benchmark needs torch (CPU b
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_vs_torch_quick(tmp_path):
   out = tmp_path / "vs_torch.json"
   # A subprocess: the benchmark sets XLA_FLAGS, which only applies before JAX starts.
@@ -83,6 +84,7 @@ def test_recount_flops_of_a_bad_file_is_a_clear_error(tmp_path, content):
     assert path.read_text() == content  # left as it was
 
 
+@pytest.mark.slow
 def test_vs_torch_quick_fcn_resnet50(tmp_path):
   """``--model fcn_resnet50``: torchvision's FCN-ResNet50 both sides, the same weights (loaded
   into fcnjax from the PyTorch model's torchvision-keyed state dict), the same logits."""

@@ -144,6 +144,7 @@ def test_exact_equals_a_per_image_loop_and_bucketed_differs(voc_root, init_weigh
 
 
 # -- which protocol each evaluation uses -------------------------------------------------------
+@pytest.mark.slow
 def test_training_evals_are_bucketed_the_final_one_exact_and_meta_names_classes(
     voc_root, init_weights, tmp_path, capsys):
   final = loop.train(tiny(voc_root, init_weights, eval__every_epochs=1), tmp_path)

@@ -112,6 +112,7 @@ def write_grey_binary_folder(root, n, seed):
     Image.fromarray((mask * 255).astype(np.uint8), "L").save(root / "mask" / f"s{i}.png")
 
 
+@pytest.mark.slow
 def test_folder_cli_learns_a_binary_task_on_grey_images(tmp_path):
   write_grey_binary_folder(tmp_path / "data", 48, seed=1)
   proc = run_cli("fcnjax.experiments.folder", "--images", str(tmp_path / "data/img"),
@@ -127,6 +128,7 @@ def test_folder_cli_learns_a_binary_task_on_grey_images(tmp_path):
   assert "blob" in proc.stdout.split("eval step")[-1]  # the per-class table names the class
 
 
+@pytest.mark.slow
 def test_train_cli_runs_a_users_config_file_and_resumes_it(tmp_path):
   cfg_file = tmp_path / "my_pets.py"
   cfg_file.write_text(

@@ -104,10 +104,12 @@ def exported(tmp_path_factory):
           "stdout": proc.stdout}
 
 
+@pytest.mark.slow
 def test_subprocess_had_neither_flax_nor_fcnjax(exported):
   assert exported["stdout"].split() == ["ok", "flax-free"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_artifact_matches_the_model(exported, name):
   loaded = load_model(exported["paths"][name][0])

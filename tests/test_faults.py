@@ -69,6 +69,7 @@ def truncate(path, keep=0.5):
 
 
 # -- bad files that only show on decode ---------------------------------------------------------
+@pytest.mark.slow
 def test_decode_time_bad_train_files_are_skipped_named_and_counted(voc, tmp_path, capsys,
                                                                    compile_cache):
   ids = split_ids(voc)
@@ -296,6 +297,7 @@ def add_image(voc, eid, h, w, split="train"):
   lst.write_text(lst.read_text() + eid + "\n")
 
 
+@pytest.mark.slow
 def test_one_huge_image_that_cannot_fit_is_named_before_training(voc, tmp_path, capsys,
                                                                  monkeypatch, compile_cache):
   add_image(voc, "camera_6000x4000", 4000, 6000)
@@ -308,6 +310,7 @@ def test_one_huge_image_that_cannot_fit_is_named_before_training(voc, tmp_path, 
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_bucket_that_would_not_fit_gets_a_smaller_batch(voc, tmp_path, capsys, monkeypatch,
                                                           compile_cache):
   add_image(voc, "big", 600, 800)
@@ -333,6 +336,7 @@ def _start(voc, workdir, *extra):
                           text=True, cwd=REPO, start_new_session=True), err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_and_resume_equals_the_uninterrupted_run(voc, tmp_path, sig):
   ref, _ = _start(voc, tmp_path / "ref")
@@ -409,6 +413,7 @@ def test_validate_full_finds_decode_problems_before_training(voc, tmp_path, caps
 
 
 # -- weights given with --init ------------------------------------------------------------------
+@pytest.mark.slow
 def test_init_weights_problems_are_one_line_and_the_escape_hatches_work(voc, tmp_path, capsys,
                                                                        compile_cache):
   from flax import nnx

@@ -173,6 +173,7 @@ def test_fc_layers_and_score_heads_give_lax_gradients_through_nnx_conv():
   _close(g1.bias[...], g2.bias[...])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, kwargs", [("fcn8s", {}), ("fcn16s", {"aligned": True}),
                                           ("fcn32s", {"batch_norm": True})])
 def test_cpu_and_lax_models_give_the_same_values_and_gradients(name, kwargs):

@@ -72,6 +72,7 @@ def test_centred_upsampling_interpolates_linearly():
   np.testing.assert_allclose(y, np.arange(21) / 4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, every", [("fcn8s-resnet18", True), ("d2l_fcn_resnet18", False)])
 def test_output_size_equals_input_size_every_size(name, every):
   """Every size 1..600 and 200 non-square ones for the FCN skips (derived crops); the d2l FCN

@@ -35,6 +35,7 @@ def output_hw(model, h, w):
   return output_shapes(model, [(h, w)])[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, kwargs", [
     ("fcn32s", {}), ("fcn16s", {}), ("fcn8s", {}), ("fcn8s-atonce", {}),
     ("fcn8s", {"aligned": True}), ("fcn32s", {"aligned": True}),
@@ -63,6 +64,7 @@ def test_learnable_upsampling_stores_the_reference_127008_weights():
   assert models.count_params(learned) - models.count_params(fixed) == 127_008
 
 
+@pytest.mark.slow
 def test_floor_pooling_breaks_reference_crops_ceil_never_does():
   """With floor pooling FCN-32s's final crop fails for 434 heights of 1..1199,
   first at 46 (96 of them in 1..300, checked here); below 26 floor pooling also leaves fc6 empty.

@@ -129,6 +129,7 @@ def test_num_classes_must_match_the_dataset(voc_root, tmp_path):
     train(tiny(voc_root, model__num_classes=5), tmp_path)
 
 
+@pytest.mark.slow
 def test_bf16_compute_trains_with_float32_params(voc_root, tmp_path):
   cfg = tiny(voc_root, train__steps=2, model__precision="bf16")
   train(cfg, tmp_path)

@@ -38,6 +38,7 @@ def one_device_run(voc, tmp_path_factory):
   return final_state(workdir), workdir
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one(voc, one_device_run, tmp_path):
   (params1, meta1), _ = one_device_run
   proc = run_experiment(voc, tmp_path, *STEPS, devices=8)
@@ -55,6 +56,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_of_four_devices_match_one(voc, one_device_run, tmp_path):
   (params1, _), workdir1 = one_device_run
   port = free_port()
@@ -77,6 +79,7 @@ def test_two_processes_of_four_devices_match_one(voc, one_device_run, tmp_path):
   assert m1["mean_iu"] == pytest.approx(m2["mean_iu"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(voc, tmp_path):
   steps = ["--steps", "30", "--save-every", "5"]
   reference = tmp_path / "reference"

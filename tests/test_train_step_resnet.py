@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from fcnjax.models import build_model
@@ -30,6 +31,7 @@ def _fresh(name, **kw):
   return model, graphdef, state
 
 
+@pytest.mark.slow
 def test_aux_loss_is_added_with_its_weight():
   b = _batch()
   model, graphdef, state = _fresh("fcn_resnet50")
@@ -68,6 +70,7 @@ def test_frozen_batch_norm_trains_like_eval_mode_and_keeps_statistics():
   assert any(not np.array_equal(a, c) for a, c in zip(before, moved))
 
 
+@pytest.mark.slow
 def test_batch_norm_on_eight_devices_matches_one():
   """tests/sharded/check_batch_norm.py (8 simulated devices, its tolerances in its docstring)."""
   proc = subprocess.run([sys.executable, "-m", "sharded.check_batch_norm"],
