@@ -61,6 +61,10 @@ def photos(tmp_path):
   Image.fromarray(img).save(root / "thing.png")
   Image.fromarray(rgb_image(rng, 31, 200)).save(root / "strip.jpg")
   (root / "broken.png").write_bytes(b"\x89PNG not really")
+  grey, _ = sc.render_example(rng, 0, 50, 60)
+  Image.fromarray(grey[..., 0]).save(root / "grey.png")  # mode L
+  rgba = np.concatenate([rgb_image(rng, 33, 70), np.full((33, 70, 1), 90, np.uint8)], -1)
+  Image.fromarray(rgba, "RGBA").save(root / "rgba.png")
   return root
 
 
@@ -73,7 +77,8 @@ def test_classifier_workdir_gradcam_activations_filters_layers(classifier_run, p
   assert rc == 1  # the broken file is skipped and listed, the others done
   assert "1 input(s) skipped" in err and "broken.png" in err
   name = sc.CLASS_NAMES[2]
-  for stem, size in (("thing", (90, 40)), ("strip", (200, 31))):
+  for stem, size in (("thing", (90, 40)), ("strip", (200, 31)), ("grey", (60, 50)),
+                     ("rgba", (70, 33))):
     overlay = Image.open(out / f"{stem}_gradcam_{name}.png")
     assert overlay.size == size  # (W, H) of the image
     assert (out / f"{stem}_gradcam_{name}_panel.png").is_file()
@@ -161,3 +166,16 @@ def test_a_classifier_saved_from_its_workdir_is_the_same_model(classifier_run, p
   np.testing.assert_array_equal(np.asarray(Image.open(outs[0])), np.asarray(Image.open(outs[1])))
   assert weights_cli.main(["save", str(tmp_path / "nowhere"), str(path)]) == 2
   assert "nowhere: not a folder" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(classifier_run, photos, tmp_path, capsys, monkeypatch):
+  from fcnjax.interpret import grad_cam
+
+  def interrupted(*a, **k):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(grad_cam, "gradcam_result", interrupted)
+  workdir, _ = classifier_run
+  rc, _, err = run(["gradcam", workdir, photos / "thing.png", "--out", tmp_path / "o"], capsys)
+  assert rc == 130
+  assert err.strip().splitlines()[-1].startswith("interrupted: the outputs listed above are "
+                                                 f"complete in {tmp_path / 'o'}")

@@ -183,15 +183,15 @@ def load_workdir(workdir, step: int | None = None) -> LoadedModel:
 
 
 def load_weights_file(path) -> LoadedModel:
-  """The model of an fcnjax ``.safetensors`` or a pytorch-fcn checkpoint."""
+  """The model of an fcnjax ``.safetensors`` (a segmenter's or a classifier's) or a pytorch-fcn
+  checkpoint."""
   from fcnjax import weights
   from fcnjax.weights import layouts
   from fcnjax.weights.loading import _source
   path = pathlib.Path(path)
   model = weights.load(path)
-  if getattr(model, "task", "") == "classification":
-    return _classifier_file(path, model)
-  if not layouts.is_fcn(model):
+  classifier = getattr(model, "task", "") == "classification"
+  if not classifier and not layouts.is_fcn(model):
     raise ModelLoadError(f"{path}: a bare backbone (VGG16 / ResNet) without score layers, "
                          "not a segmentation model: train a segmenter from it first (--init)")
   model.eval()
@@ -203,25 +203,11 @@ def load_weights_file(path) -> LoadedModel:
   except ValueError as e:
     raise ModelLoadError(f"{path}: metadata class_names / palette is not JSON ({e})") from None
   info = weights.describe(model)
+  shape = (_classifier_width(info) if classifier
+           else f"{_geometry(info)}width x{float(info['width_multiplier']):g}")
   return LoadedModel(model, _class_names(names, int(model.num_classes), str(path)),
                      _palette(palette, str(path)), model.preprocessing,
-                     f"{path} ({info['model']}, {_geometry(info)}"
-                     f"width x{float(info['width_multiplier']):g})", info)
-
-
-def _classifier_file(path, model) -> LoadedModel:
-  from fcnjax import weights
-  from fcnjax.weights.loading import _source
-  model.eval()
-  _, metadata, _ = _source(path)
-  try:
-    names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
-  except ValueError as e:
-    raise ModelLoadError(f"{path}: metadata class_names is not JSON ({e})") from None
-  info = weights.describe(model)
-  return LoadedModel(model, _class_names(names, int(model.num_classes), str(path)),
-                     _palette(None, str(path)), model.preprocessing,
-                     f"{path} ({info['model']}, {_classifier_width(info)})", info)
+                     f"{path} ({info['model']}, {shape})", info)
 
 
 def _classifier_width(info) -> str:

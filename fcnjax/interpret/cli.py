@@ -35,6 +35,7 @@ import numpy as np
 
 EXIT_FAILURES = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def _err(msg: str) -> None:
@@ -350,6 +351,16 @@ def _layers_cmd(args, loaded) -> None:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  try:
+    return _run(args)
+  except KeyboardInterrupt:
+    where = f" in {args.out}" if getattr(args, "out", None) else ""
+    print(f"interrupted: the outputs listed above are complete{where}; the rest were not "
+          "written", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
+def _run(args) -> int:
   from fcnjax import compilation
   compilation.enable_persistent_cache(args.compile_cache)
   loaded = _load(args)
