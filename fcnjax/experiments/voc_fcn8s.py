@@ -13,7 +13,8 @@ Presets:
 
 * ``smoke`` (default without --voc-root): the built-in data (2,000 train / 200 val images at 1/4
   of VOC's sizes), an aligned FCN-8s at 1/8 of VGG16's widths (``--no-aligned`` for the exact
-  one), AdamW with cosine decay, batch 8, 4 size buckets, 4 epochs (1,000 steps). Minutes on a
+  one), AdamW with cosine decay, batch 8, ``auto`` size buckets (K from this backend's compile and
+  step costs: 3 on the built-in data), 4 epochs (1,000 steps). Minutes on a
   laptop CPU; see experiments/voc_fcn8s/README.md for a recorded run.
 * ``fast`` (default with --voc-root): full-width exact FCN-8s, SGD 0.9 with poly decay on the
   mean loss, bf16 compute, batch 8 of real, uncropped images in 8 size buckets, flip + scale

@@ -183,9 +183,7 @@ def lax_model(loaded):
     return _with_splat_convs(model)
   from fcnjax.models import build_model
   if "aligned" not in info or not hasattr(src.backbone, "blocks"):
-    raise ExportError(f"{info.get('model')}: export supports the VGG16 FCNs only so far; the "
-                      "ResNet models (symbolic sizes through their BatchNorm / bilinear resize) "
-                      "are not exportable yet — predict with the workdir or weights file instead")
+    return _resnet_lax_model(loaded)
   bb = src.backbone
   try:
     abstract = nnx.eval_shape(lambda: build_model(  # the structure only: no random init
@@ -197,6 +195,31 @@ def lax_model(loaded):
     model = nnx.merge(graphdef, nnx.state(src))
   except (KeyError, ValueError, TypeError) as e:
     raise ExportError(f"cannot rebuild the model as ops='lax' from {info}: {e}") from e
+  model.eval()
+  model.preprocessing = loaded.preprocessing
+  return _with_splat_convs(model)
+
+
+def _resnet_lax_model(loaded):
+  """:func:`lax_model` for a ResNet segmenter (d2l FCN, torchvision FCN-ResNet, the paper's FCN
+  heads on a ResNet): a copy when no layer uses the CPU convolution (``ops == "cpu"``), else the
+  model rebuilt with ``ops="lax"`` from ``loaded.info`` and given ``loaded.model``'s state."""
+  from flax import nnx
+  from fcnjax.models import build_model
+  src, info = loaded.model, loaded.info
+  if all(getattr(mod, "ops", "lax") == "lax" for _, mod in nnx.iter_modules(src)):
+    model = nnx.clone(src)
+  else:
+    try:
+      abstract = nnx.eval_shape(lambda: build_model(
+          info["model"], int(info["num_classes"]),
+          width_multiplier=float(info["width_multiplier"]),
+          learnable_upsampling=info.get("learnable_upsampling") == "true",
+          dtype=_compute_dtype(src), ops="lax", seed=0))
+      graphdef, _ = nnx.split(abstract)
+      model = nnx.merge(graphdef, nnx.state(src))
+    except (KeyError, ValueError, TypeError) as e:
+      raise ExportError(f"cannot rebuild the model as ops='lax' from {info}: {e}") from e
   model.eval()
   model.preprocessing = loaded.preprocessing
   return _with_splat_convs(model)

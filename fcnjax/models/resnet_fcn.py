@@ -50,12 +50,32 @@ def _interp_matrix(out_size: int, in_size: int) -> np.ndarray:
   return m
 
 
-def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
+def _interp_matrix_symbolic(out_size, in_size, dtype) -> jax.Array:
+  """:func:`_interp_matrix` built in jax, for sizes that are symbolic dimensions (a
+  ``jax.export`` with symbolic H, W): the same float32 arithmetic, one-hot rows."""
+  scale = jnp.asarray(in_size, jnp.float32) / jnp.asarray(out_size, jnp.float32)
+  src = jnp.maximum((jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale - 0.5, 0)
+  i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_size - 1)
+  i1 = jnp.minimum(i0 + 1, in_size - 1)
+  lam = src - i0.astype(jnp.float32)
+  cols = jnp.arange(in_size, dtype=jnp.int32)[None, :]
+  m = ((1 - lam)[:, None] * (cols == i0[:, None]) + lam[:, None] * (cols == i1[:, None]))
+  return m.astype(dtype)
+
+
+def _weights(out_size, in_size, dtype) -> jax.Array:
+  if isinstance(out_size, int) and isinstance(in_size, int):
+    return jnp.asarray(_interp_matrix(out_size, in_size), dtype)
+  return _interp_matrix_symbolic(out_size, in_size, dtype)
+
+
+def resize_bilinear(x: jax.Array, height, width) -> jax.Array:
   """(N, h, w, C) -> (N, height, width, C), exactly PyTorch's ``F.interpolate(x, size=(height,
   width), mode="bilinear", align_corners=False)`` (to float rounding): two small matrix
-  products with the interpolation weights. Shapes must be static."""
-  mh = jnp.asarray(_interp_matrix(height, x.shape[1]), x.dtype)
-  mw = jnp.asarray(_interp_matrix(width, x.shape[2]), x.dtype)
+  products with the interpolation weights. Sizes are ints (weights from numpy, cached) or
+  symbolic dimensions of ``jax.export`` (weights computed in the program, same arithmetic)."""
+  mh = _weights(height, x.shape[1], x.dtype)
+  mw = _weights(width, x.shape[2], x.dtype)
   x = jnp.einsum("oh,nhwc->nowc", mh, x)
   return jnp.einsum("pw,nowc->nopc", mw, x)
 

@@ -131,9 +131,24 @@ def build_model(config, seed: int | None = None):
                               batch_norm=m.batch_norm, aux=m.aux_head, dtype=dtype, ops=m.ops,
                               seed=seed, classifier_options=classifier_options)
 
-  # one compiled program for the whole initialisation instead of one eager compile per
-  # parameter shape (1.3-1.8 s less on the 2-core CPU for the default model; the same values)
-  return nnx.jit(build)()
+  # One compiled program for the whole initialisation instead of one eager compile per
+  # parameter shape, compiled at XLA's lowest backend optimisation level: it runs once, and
+  # that level compiles it several times faster (benchmarks/RESULTS.md, "Compiles").
+  graphdefs = []
+
+  def init_state():
+    graphdef, state = nnx.split(build())
+    graphdefs.append(graphdef)  # static: recorded while tracing
+    return state
+
+  lowered = jax.jit(init_state).lower()
+  state = lowered.compile(compiler_options=INIT_COMPILER_OPTIONS)()
+  return nnx.merge(graphdefs[-1], state)
+
+
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+"""XLA options of the model-initialisation program (run once: its compile time is what counts;
+the parameters are the same draws, equal to those of an eager build to float rounding)."""
 
 
 def is_classifier_config(config) -> bool:
