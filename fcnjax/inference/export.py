@@ -167,62 +167,45 @@ def _with_splat_convs(model):
 def lax_model(loaded):
   """The exportable form of ``loaded.model`` with its state, in eval mode.
 
-  A classifier (``task == "classification"``) is a copy of the model as it is (its convs are
-  plain ``lax`` ones). A segmenter is the ``ops="lax"`` form, rebuilt with
-  :func:`fcnjax.models.build_model` from ``loaded.info`` (plus the model's batch-norm and
-  dtype, which the info does not record). Convolutions with an all-equal kernel use
-  :func:`_splat_kernel_conv`. ``ExportError`` if the state does not fit.
+  A copy of the model when none of its layers uses the CPU convolution (``ops == "cpu"``):
+  classifiers, the d2l FCN, torchvision's FCN-ResNets. Otherwise the ``ops="lax"`` form,
+  rebuilt with :func:`fcnjax.models.build_model` from ``loaded.info`` (plus a VGG backbone's
+  batch-norm, and the dtype, which the info does not record) and given the model's state.
+  Convolutions with an all-equal kernel use :func:`_splat_kernel_conv`. ``ExportError`` if the
+  state does not fit.
   """
   from flax import nnx
 
   src, info = loaded.model, loaded.info
-  if task_of(loaded) == CLASSIFICATION:
-    model = nnx.clone(src)
-    model.eval()
-    model.preprocessing = loaded.preprocessing
-    return _with_splat_convs(model)
-  from fcnjax.models import build_model
-  if "aligned" not in info or not hasattr(src.backbone, "blocks"):
-    return _resnet_lax_model(loaded)
-  bb = src.backbone
-  try:
-    abstract = nnx.eval_shape(lambda: build_model(  # the structure only: no random init
-        info["model"], int(info["num_classes"]), width_multiplier=float(info["width_multiplier"]),
-        aligned=info["aligned"] == "true", pool=info.get("pool", "ceil"),
-        learnable_upsampling=info.get("learnable_upsampling") == "true",
-        batch_norm=bb.blocks[0].norms is not None, dtype=bb.fc6.dtype, ops="lax", seed=0))
-    graphdef, _ = nnx.split(abstract)
-    model = nnx.merge(graphdef, nnx.state(src))
-  except (KeyError, ValueError, TypeError) as e:
-    raise ExportError(f"cannot rebuild the model as ops='lax' from {info}: {e}") from e
-  model.eval()
-  model.preprocessing = loaded.preprocessing
-  return _with_splat_convs(model)
-
-
-def _resnet_lax_model(loaded):
-  """:func:`lax_model` for a ResNet segmenter (d2l FCN, torchvision FCN-ResNet, the paper's FCN
-  heads on a ResNet): a copy when no layer uses the CPU convolution (``ops == "cpu"``), else the
-  model rebuilt with ``ops="lax"`` from ``loaded.info`` and given ``loaded.model``'s state."""
-  from flax import nnx
-  from fcnjax.models import build_model
-  src, info = loaded.model, loaded.info
-  if all(getattr(mod, "ops", "lax") == "lax" for _, mod in nnx.iter_modules(src)):
+  if task_of(loaded) == CLASSIFICATION or all(
+      getattr(mod, "ops", "lax") == "lax" for _, mod in nnx.iter_modules(src)):
     model = nnx.clone(src)
   else:
-    try:
-      abstract = nnx.eval_shape(lambda: build_model(
-          info["model"], int(info["num_classes"]),
-          width_multiplier=float(info["width_multiplier"]),
-          learnable_upsampling=info.get("learnable_upsampling") == "true",
-          dtype=_compute_dtype(src), ops="lax", seed=0))
-      graphdef, _ = nnx.split(abstract)
-      model = nnx.merge(graphdef, nnx.state(src))
-    except (KeyError, ValueError, TypeError) as e:
-      raise ExportError(f"cannot rebuild the model as ops='lax' from {info}: {e}") from e
+    model = _rebuilt_as_lax(src, info)
   model.eval()
   model.preprocessing = loaded.preprocessing
   return _with_splat_convs(model)
+
+
+def _rebuilt_as_lax(src, info):
+  """``src`` rebuilt with ``ops="lax"`` from ``info`` (the structure only: no random init), with
+  ``src``'s state."""
+  from flax import nnx
+  from fcnjax.models import build_model
+  try:
+    options = dict(width_multiplier=float(info["width_multiplier"]),
+                   learnable_upsampling=info.get("learnable_upsampling") == "true",
+                   dtype=_compute_dtype(src), ops="lax", seed=0)
+    bb = src.backbone
+    if hasattr(bb, "blocks"):  # VGG16: its geometry options and batch-norm
+      options.update(aligned=info["aligned"] == "true", pool=info.get("pool", "ceil"),
+                     batch_norm=bb.blocks[0].norms is not None)
+    abstract = nnx.eval_shape(lambda: build_model(info["model"], int(info["num_classes"]),
+                                                  **options))
+    graphdef, _ = nnx.split(abstract)
+    return nnx.merge(graphdef, nnx.state(src))
+  except (KeyError, ValueError, TypeError, AttributeError) as e:
+    raise ExportError(f"cannot rebuild the model as ops='lax' from {info}: {e}") from e
 
 
 def min_input_size(model) -> tuple:
