@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fcnjax import preprocessing as preprocessing_lib
-from fcnjax.models import geometry
+from fcnjax.models import geometry, masking
 from fcnjax.models.taps import record
 
 TUTORIAL_WIDTHS = (32, 64, 128, 256, 512)
@@ -55,15 +55,6 @@ def _bn(features: int, *, dtype, rngs) -> nnx.BatchNorm:
   return nnx.BatchNorm(features, momentum=0.99, epsilon=1e-3, dtype=dtype, rngs=rngs)
 
 
-def _masked_norm(norm, x, mask):
-  """BatchNorm whose training statistics are taken over the valid cells only."""
-  if norm is None:
-    return x
-  if mask is None or norm.use_running_average:
-    return norm(x)
-  return norm(x, mask=mask[..., None])
-
-
 class ConvStack(nnx.Module):
   """The tutorial's conv blocks: per block ``VALID`` conv (k x k, stride) + dropout + BN + ReLU.
 
@@ -79,7 +70,8 @@ class ConvStack(nnx.Module):
   ``stack(x, mask=None)`` -> ``{"features": (B, h', w', widths[-1])}``; with
   ``return_intermediates=True`` also the ordered dict of each block's output (``block1`` ...).
   ``mask`` (B, H, W) bool only restricts the BatchNorm statistics in training to real pixels
-  (see :func:`valid_masks`). Output length per axis: ``floor((n - k) / s) + 1`` per block.
+  (:func:`~fcnjax.models.masking.valid_masks`). Output length per axis: ``floor((n - k) / s) +
+  1`` per block.
   """
 
   def __init__(self, *, widths: Sequence[int] = TUTORIAL_WIDTHS,
@@ -122,44 +114,14 @@ class ConvStack(nnx.Module):
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
                return_intermediates: bool = False):
     out = collections.OrderedDict()
-    masks = valid_masks(mask, self.size_ops) if mask is not None else None
+    masks = masking.valid_masks(mask, self.size_ops) if mask is not None else None
     norms = self.norms if self.norms is not None else [None] * len(self.convs)
     for i, (conv, norm, drop) in enumerate(zip(self.convs, norms, self.drops)):
       x = drop(conv(x))
-      x = jax.nn.relu(_masked_norm(norm, x, None if masks is None else masks[i]))
+      x = jax.nn.relu(masking.batch_norm(norm, x, None if masks is None else masks[i]))
       x = record(out, f"block{i + 1}", x)
     feats = {"features": x}
     return (feats, out) if return_intermediates else feats
-
-
-def image_sizes(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-image (heights, widths), each (B,) int32, of the top-left rectangles of ``mask``
-  (B, H, W) bool (0 for an all-False row: a dummy example)."""
-  h = jnp.sum(jnp.any(mask, axis=2), axis=1).astype(jnp.int32)
-  w = jnp.sum(jnp.any(mask, axis=1), axis=1).astype(jnp.int32)
-  return h, w
-
-
-def valid_masks(mask: jax.Array, ops) -> list:
-  """The valid cells after each layer of ``ops``: a list of (B, H_l, W_l) bool masks, cell
-  (i, j) valid iff ``i < output_length(ops[:l+1], h)`` and likewise ``j`` for w (the cells a
-  lone run of the image at its own size would have)."""
-  h, w = image_sizes(mask)
-  H, W = mask.shape[1:3]
-  out = []
-  for op in ops:
-    h, w, H, W = op(h), op(w), op(H), op(W)
-    out.append((jnp.arange(H)[None, :, None] < h[:, None, None])
-               & (jnp.arange(W)[None, None, :] < w[:, None, None]))
-  return out
-
-
-def _valid_cells(mask, ops, shape) -> jax.Array:
-  """(B, H', W') bool: the cells of a (B, H', W', C) map that ``mask``'s images produce."""
-  h, w = image_sizes(mask)
-  h, w = geometry.output_length(ops, h), geometry.output_length(ops, w)
-  return ((jnp.arange(shape[1])[None, :, None] < h[:, None, None])
-          & (jnp.arange(shape[2])[None, None, :] < w[:, None, None]))
 
 
 def masked_global_pool(x: jax.Array, valid: jax.Array | None, pooling: str) -> jax.Array:
@@ -256,17 +218,14 @@ class FCNClassifier(nnx.Module):
       if mask is None:  # the padding is not the image's
         mask = jnp.ones(x.shape[:1] + (H, W), bool)
       mask = jnp.pad(mask, pad[:3])
-    if isinstance(self.backbone, ConvStack):
-      feats, out = self.backbone(x, mask=mask, return_intermediates=True)
-    else:
-      feats, out = self.backbone(x, return_intermediates=True)
+    feats, out = self.backbone(x, mask=mask, return_intermediates=True)
     f = feats[self.backbone.final_stage]
-    valid = None if mask is None else _valid_cells(mask, self.size_ops, f.shape)
+    valid = None if mask is None else masking.valid_cells(mask, self.size_ops, f.shape)
     if self.head is not None:
       f = self.drop(self.head(f))
-      f = record(out, "head", jax.nn.relu(_masked_norm(self.head_norm, f, valid)))
+      f = record(out, "head", jax.nn.relu(masking.batch_norm(self.head_norm, f, valid)))
     s = self.score_drop(self.score(f))
-    s = record(out, "scores", _masked_norm(self.score_norm, s, valid))
+    s = record(out, "scores", masking.batch_norm(self.score_norm, s, valid))
     logits = masked_global_pool(s, valid, self.pooling).astype(jnp.float32)
     return (logits, out) if return_intermediates else logits
 

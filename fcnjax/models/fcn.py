@@ -137,8 +137,15 @@ class FCN(nnx.Module):
         mods[f"score_{self.skips[i]}"] = (self.score_skips[i],)
     return mods
 
-  def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
+               return_intermediates: bool = False):
     """(N, H, W, C_in) preprocessed float -> (N, H, W, num_classes) logits.
+
+    ``mask`` (N, H, W) bool marks each image's pixels in a zero-padded batch (the trainer's
+    size buckets); it goes to the backbone, whose BatchNorms (ResNet, VGG16-BN) then use image
+    cells only (:mod:`fcnjax.models.masking`). The score heads have no BatchNorm and are not
+    masked: near its bottom / right edge an image's logits see the padding's scores through
+    the upsampling, as without a mask.
 
     With ``return_intermediates=True``: ``(logits, out)``, ``out`` an ordered dict of the
     forward's named intermediates in the order computed: ``pad`` (aligned variant only), the
@@ -152,14 +159,14 @@ class FCN(nnx.Module):
     m = self.backbone.input_multiple
     if m > 1:  # aligned variant: pad bottom/right to a multiple of the total stride
       # m * ceil(h / m) - h (= -h % m), in a form that stays simple for symbolic h (jax.export)
-      x = jnp.pad(x, ((0, 0), (0, m * ((h + m - 1) // m) - h), (0, m * ((w + m - 1) // m) - w),
-                      (0, 0)))
-      x = record(out, "pad", x)
+      pad = ((0, 0), (0, m * ((h + m - 1) // m) - h), (0, m * ((w + m - 1) // m) - w))
+      x = record(out, "pad", jnp.pad(x, pad + ((0, 0),)))
+      mask = None if mask is None else jnp.pad(mask, pad)
     if return_intermediates:
-      feats, backbone_out = self.backbone(x, return_intermediates=True)
+      feats, backbone_out = self.backbone(x, mask=mask, return_intermediates=True)
       out.update(backbone_out)
     else:
-      feats = self.backbone(x)
+      feats = self.backbone(x, mask=mask)
     final = feats[self.backbone.final_stage]
     if final.shape[1] < 1 or final.shape[2] < 1:
       raise ValueError(

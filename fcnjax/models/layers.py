@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fcnjax.models import cpu_ops, geometry
+from fcnjax.models import cpu_ops, geometry, masking
 from fcnjax.models.taps import record
 
 
@@ -174,9 +174,12 @@ class ConvBlock(nnx.Module):
     return {f"conv{i + 1}": tuple(m for m in (conv, norm) if m is not None)
             for i, (conv, norm) in enumerate(zip(self.convs, norms))}
 
-  def __call__(self, x: jax.Array, *, return_intermediates: bool = False, name_of=None):
+  def __call__(self, x: jax.Array, *, masks=None, return_intermediates: bool = False,
+               name_of=None):
     """``name_of`` maps a local intermediate name (``"conv1"``, ``"pool"``) to the model-wide
-    one that :func:`fcnjax.models.taps.perturbed` uses (default: the local name)."""
+    one that :func:`fcnjax.models.taps.perturbed` uses (default: the local name). ``masks``:
+    one (N, H_i, W_i) bool mask of image cells per conv output (:mod:`fcnjax.models.masking`),
+    for the BatchNorms; ``None`` for none."""
     out = collections.OrderedDict()
     name_of = name_of or (lambda k: k)
     if self.first_padding >= 2:
@@ -189,7 +192,7 @@ class ConvBlock(nnx.Module):
       if i == 0 and self.first_padding > 2:
         x = _bias_border(x, conv.bias[...], self.first_padding - 2)
       if self.norms is not None:
-        x = self.norms[i](x)
+        x = masking.batch_norm(self.norms[i], x, None if masks is None else masks[i])
       x = jax.nn.relu(x)
       if self.dropout is not None:
         x = self.dropout(x)

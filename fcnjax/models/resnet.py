@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fcnjax.models import geometry
+from fcnjax.models import geometry, masking
 from fcnjax.models.taps import record
 from fcnjax.models.vgg import scale_width
 
@@ -50,6 +50,7 @@ STAGE_WIDTHS = (64, 128, 256, 512)
 TORCH_BN_MOMENTUM = 0.9  # flax's convention for PyTorch's momentum=0.1
 TORCH_BN_EPS = 1e-5
 KERAS_BN_EPS = 1.001e-5
+KERAS_BN_MOMENTUM = 0.99  # Keras' BatchNormalization default (the same convention as flax's)
 
 _kaiming_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -62,16 +63,30 @@ def _conv(cin, cout, k, stride=1, dilation=1, *, bias=False, padding=None, dtype
                   dtype=dtype, rngs=rngs)
 
 
-def batch_norm(features: int, *, eps: float = TORCH_BN_EPS, dtype=None, rngs) -> nnx.BatchNorm:
-  """BatchNorm over the channel axis with PyTorch's defaults (eps 1e-5, momentum 0.1)."""
-  return nnx.BatchNorm(features, momentum=TORCH_BN_MOMENTUM, epsilon=eps, dtype=dtype, rngs=rngs)
+def batch_norm(features: int, *, eps: float = TORCH_BN_EPS, momentum: float = TORCH_BN_MOMENTUM,
+               dtype=None, rngs) -> nnx.BatchNorm:
+  """BatchNorm over the channel axis, by default with PyTorch's defaults (eps 1e-5, momentum
+  0.1, i.e. flax's 0.9)."""
+  return nnx.BatchNorm(features, momentum=momentum, epsilon=eps, dtype=dtype, rngs=rngs)
+
+
+def keras_batch_norm(features: int, *, dtype=None, rngs) -> nnx.BatchNorm:
+  """BatchNorm with the Keras ResNet V2's settings (eps 1.001e-5, momentum 0.99)."""
+  return batch_norm(features, eps=KERAS_BN_EPS, momentum=KERAS_BN_MOMENTUM, dtype=dtype,
+                    rngs=rngs)
 
 
 def max_pool_3x3(x: jax.Array, pad_value: float = -np.inf) -> jax.Array:
   """3×3 max-pool, stride 2, padding 1 (torch pads −inf; Keras' ZeroPadding pads ``0``).
-  (N, H, W, C) -> (N, ceil(H / 2), ceil(W / 2), C)."""
-  return jax.lax.reduce_window(x, np.array(pad_value, x.dtype), jax.lax.max, (1, 3, 3, 1),
-                               (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  (N, H, W, C) -> (N, ceil(H / 2), ceil(W / 2), C).
+
+  The padding is explicit: ``reduce_window``'s own padding value is also the initial value
+  of every window's max, so padding 0 there would clip every window at 0."""
+  pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+  if pad_value != -np.inf:
+    x, pad = jnp.pad(x, pad, constant_values=np.array(pad_value, x.dtype)), "VALID"
+  return jax.lax.reduce_window(x, np.array(-np.inf, x.dtype), jax.lax.max, (1, 3, 3, 1),
+                               (1, 2, 2, 1), pad)
 
 
 def _stride_map(stride: int) -> geometry.CoordMap:
@@ -96,10 +111,12 @@ class BasicBlock(nnx.Module):
     self.downsample = _projection(cin, planes, stride, dtype, rngs)
     self.out_features = planes
 
-  def __call__(self, x):
-    identity = x if self.downsample is None else self.downsample[1](self.downsample[0](x))
-    y = jax.nn.relu(self.bn1(self.conv1(x)))
-    y = self.bn2(self.conv2(y))
+  def __call__(self, x, mask=None):
+    """``mask`` (B, H, W) bool: the image cells of ``x`` (:mod:`fcnjax.models.masking`)."""
+    out_mask = masking.strided(mask, self.stride)
+    identity = _shortcut(self.downsample, x, out_mask)
+    y = jax.nn.relu(masking.batch_norm(self.bn1, self.conv1(x), out_mask))
+    y = masking.batch_norm(self.bn2, self.conv2(y), out_mask)
     return jax.nn.relu(y + identity)
 
 
@@ -122,12 +139,21 @@ class Bottleneck(nnx.Module):
     self.downsample = _projection(cin, out, stride, dtype, rngs)
     self.out_features = out
 
-  def __call__(self, x):
-    identity = x if self.downsample is None else self.downsample[1](self.downsample[0](x))
-    y = jax.nn.relu(self.bn1(self.conv1(x)))
-    y = jax.nn.relu(self.bn2(self.conv2(y)))
-    y = self.bn3(self.conv3(y))
+  def __call__(self, x, mask=None):
+    """``mask`` (B, H, W) bool: the image cells of ``x`` (:mod:`fcnjax.models.masking`)."""
+    out_mask = masking.strided(mask, self.stride)
+    identity = _shortcut(self.downsample, x, out_mask)
+    y = jax.nn.relu(masking.batch_norm(self.bn1, self.conv1(x), mask))
+    y = jax.nn.relu(masking.batch_norm(self.bn2, self.conv2(y), out_mask))
+    y = masking.batch_norm(self.bn3, self.conv3(y), out_mask)
     return jax.nn.relu(y + identity)
+
+
+def _shortcut(downsample, x, out_mask):
+  """The identity, or the 1×1 projection + BN (image cells ``out_mask``) of ``downsample``."""
+  if downsample is None:
+    return x
+  return masking.batch_norm(downsample[1], downsample[0](x), out_mask)
 
 
 def _projection(cin, cout, stride, dtype, rngs):
@@ -161,13 +187,21 @@ class _Backbone(nnx.Module):
   def stages(self):
     return [self.layer1, self.layer2, self.layer3, self.layer4]
 
-  def _blocks_out(self, x, out):
+  def _blocks_out(self, x, mask, out):
+    """Run the stages on ``x`` (image cells ``mask``): (last output, its mask, features)."""
     feats = {}
     for i, stage in enumerate(self.stages()):
       for j, block in enumerate(stage):
-        x = record(out, f"layer{i + 1}.{j}", block(x))
+        x = record(out, f"layer{i + 1}.{j}", block(x, mask))
+        mask = masking.strided(mask, block.stride)
       feats[f"layer{i + 1}"] = x
-    return x, feats
+    return x, mask, feats
+
+  def feature_mask(self, mask: jax.Array | None, stage: str) -> jax.Array | None:
+    """The image cells of feature map ``stage`` given the input's ``mask`` (B, H, W) bool:
+    ``mask`` subsampled by the stage's stride (every stride-2 layer maps ``n`` to
+    ``ceil(n / 2)``)."""
+    return masking.strided(mask, int(1 / self.coord_maps[stage].scale))
 
   def _block_modules(self):
     return {f"layer{i + 1}.{j}": (block,) for i, stage in enumerate(self.stages())
@@ -231,11 +265,17 @@ class ResNet(_Backbone):
   def layer_modules(self) -> dict[str, tuple[nnx.Module, ...]]:
     return {"stem": (self.conv1, self.bn1), "maxpool": ()} | self._block_modules()
 
-  def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
+               return_intermediates: bool = False):
+    """(N, H, W, 3) -> ``{"layer1": ..., "layer4": ...}``. ``mask`` (N, H, W) bool marks each
+    image's pixels in a zero-padded batch: BatchNorm then uses image cells only
+    (:func:`fcnjax.models.masking.batch_norm`)."""
     out = collections.OrderedDict()
-    x = record(out, "stem", jax.nn.relu(self.bn1(self.conv1(x))))
-    x = record(out, "maxpool", max_pool_3x3(x))
-    _, feats = self._blocks_out(x, out)
+    mask = masking.strided(mask, 2)
+    x = record(out, "stem", jax.nn.relu(masking.batch_norm(self.bn1, self.conv1(x), mask)))
+    mask = masking.strided(mask, 2)  # (a window at the image's edge may reach a cell beyond it)
+    x = record(out, "maxpool", masking.zero_outside(max_pool_3x3(x), mask))
+    _, _, feats = self._blocks_out(x, mask, out)
     return (feats, out) if return_intermediates else feats
 
 
@@ -250,24 +290,28 @@ class PreActBottleneck(nnx.Module):
                dtype=None, rngs: nnx.Rngs):
     out = planes * self.expansion
     self.stride = stride
-    self.preact_bn = batch_norm(cin, eps=KERAS_BN_EPS, dtype=dtype, rngs=rngs)
+    self.preact_bn = keras_batch_norm(cin, dtype=dtype, rngs=rngs)
     self.shortcut = (_conv(cin, out, 1, stride, bias=True, dtype=dtype, rngs=rngs)
                      if conv_shortcut else None)
     self.conv1 = _conv(cin, planes, 1, dtype=dtype, rngs=rngs)
-    self.bn1 = batch_norm(planes, eps=KERAS_BN_EPS, dtype=dtype, rngs=rngs)
+    self.bn1 = keras_batch_norm(planes, dtype=dtype, rngs=rngs)
     self.conv2 = _conv(planes, planes, 3, stride, dtype=dtype, rngs=rngs)
-    self.bn2 = batch_norm(planes, eps=KERAS_BN_EPS, dtype=dtype, rngs=rngs)
+    self.bn2 = keras_batch_norm(planes, dtype=dtype, rngs=rngs)
     self.conv3 = _conv(planes, out, 1, bias=True, dtype=dtype, rngs=rngs)
     self.out_features = out
 
-  def __call__(self, x):
-    pre = jax.nn.relu(self.preact_bn(x))
+  def __call__(self, x, mask=None):
+    """``mask`` (B, H, W) bool: the image cells of ``x`` (:mod:`fcnjax.models.masking`). The
+    output is not zeroed outside them (``conv3`` and the shortcut have a bias): every layer
+    that reads it spatially reads a BatchNorm's output."""
+    out_mask = masking.strided(mask, self.stride)
+    pre = jax.nn.relu(masking.batch_norm(self.preact_bn, x, mask))
     if self.shortcut is not None:
       identity = self.shortcut(pre)
     else:
       identity = x[:, ::self.stride, ::self.stride, :] if self.stride > 1 else x
-    y = jax.nn.relu(self.bn1(self.conv1(pre)))
-    y = jax.nn.relu(self.bn2(self.conv2(y)))
+    y = jax.nn.relu(masking.batch_norm(self.bn1, self.conv1(pre), mask))
+    y = jax.nn.relu(masking.batch_norm(self.bn2, self.conv2(y), out_mask))
     return self.conv3(y) + identity
 
 
@@ -277,7 +321,7 @@ class PreActResNet(_Backbone):
   Stem: 7×7/2 conv with bias (no BN: V2 normalises inside the blocks), a 3×3/2 max-pool over
   zero padding (Keras' ``ZeroPadding2D``); stages of :class:`PreActBottleneck` with the stride
   on each of stages 1–3's *last* block; ``post_bn`` + ReLU after ``layer4`` (its output is the
-  ``layer4`` feature). BatchNorm eps 1.001e-5 (Keras'). Output stride 32.
+  ``layer4`` feature). BatchNorm eps 1.001e-5 and momentum 0.99 (Keras'). Output stride 32.
   """
 
   def __init__(self, depth: int = 101, *, width_multiplier: float = 1.0, in_features: int = 3,
@@ -303,7 +347,7 @@ class PreActResNet(_Backbone):
       strides.append(last_stride)
       channels.append(cin)
     self.layer1, self.layer2, self.layer3, self.layer4 = stages
-    self.post_bn = batch_norm(cin, eps=KERAS_BN_EPS, dtype=dtype, rngs=rngs)
+    self.post_bn = keras_batch_norm(cin, dtype=dtype, rngs=rngs)
     # Keras' stride sits on a stage's last block: stage i's output is at the stride of the
     # stem times the strides of stages < i and i itself, as for torchvision (shift 0 either way).
     self._finish(strides, channels)
@@ -312,12 +356,17 @@ class PreActResNet(_Backbone):
     return ({"stem": (self.conv1,), "maxpool": ()} | self._block_modules()
             | {"post_bn": (self.post_bn,)})
 
-  def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
+               return_intermediates: bool = False):
+    """As :meth:`ResNet.__call__`; with ``mask`` the stem's output is also zeroed outside the
+    image cells (its max-pool reads it, as Keras' over zero padding)."""
     out = collections.OrderedDict()
-    x = record(out, "stem", self.conv1(x))
-    x = record(out, "maxpool", max_pool_3x3(x, pad_value=0.0))
-    x, feats = self._blocks_out(x, out)
-    x = record(out, "post_bn", jax.nn.relu(self.post_bn(x)))
+    mask = masking.strided(mask, 2)
+    x = record(out, "stem", masking.zero_outside(self.conv1(x), mask))
+    mask = masking.strided(mask, 2)
+    x = record(out, "maxpool", masking.zero_outside(max_pool_3x3(x, pad_value=0.0), mask))
+    x, mask, feats = self._blocks_out(x, mask, out)
+    x = record(out, "post_bn", jax.nn.relu(masking.batch_norm(self.post_bn, x, mask)))
     feats["layer4"] = x
     return (feats, out) if return_intermediates else feats
 

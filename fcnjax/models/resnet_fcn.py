@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from fcnjax import preprocessing as preprocessing_lib
-from fcnjax.models import resnet as resnet_lib
+from fcnjax.models import masking, resnet as resnet_lib
 from fcnjax.models.fcn import FCN
 from fcnjax.models.layers import bilinear_kernel, transposed_conv
 from fcnjax.models.taps import record
@@ -80,6 +80,40 @@ def resize_bilinear(x: jax.Array, height, width) -> jax.Array:
   return jnp.einsum("pw,nowc->nopc", mw, x)
 
 
+def _interp_matrices_per_image(out_sizes, in_sizes, out_len: int, in_len: int, dtype):
+  """(B, out_len, in_len) weights of :func:`_interp_matrix` for per-image ``out_sizes`` and
+  ``in_sizes`` ((B,) int arrays): rows ``>= out_size`` and columns ``>= in_size`` of an image
+  are zero. The same float32 arithmetic as :func:`_interp_matrix`."""
+  out_f = jnp.maximum(out_sizes, 1).astype(jnp.float32)[:, None]
+  in_i = jnp.maximum(in_sizes, 1)[:, None]
+  scale = in_i.astype(jnp.float32) / out_f
+  src = jnp.maximum((jnp.arange(out_len, dtype=jnp.float32)[None] + 0.5) * scale - 0.5, 0)
+  i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_i - 1)
+  i1 = jnp.minimum(i0 + 1, in_i - 1)
+  lam = src - i0.astype(jnp.float32)
+  cols = jnp.arange(in_len, dtype=jnp.int32)[None, None, :]
+  m = ((1 - lam)[..., None] * (cols == i0[..., None])
+       + lam[..., None] * (cols == i1[..., None]))
+  rows = jnp.arange(out_len)[None, :, None] < out_sizes[:, None, None]
+  return jnp.where(rows, m, 0).astype(dtype)
+
+
+def resize_bilinear_masked(x: jax.Array, valid: jax.Array, mask: jax.Array) -> jax.Array:
+  """Each image of a zero-padded batch resized on its own: (N, h, w, C) -> (N, H, W, C).
+
+  ``valid`` (N, h, w) bool marks each image's cells of ``x`` and ``mask`` (N, H, W) bool its
+  pixels of the output (top-left rectangles, :mod:`fcnjax.models.masking`). Image ``n``'s
+  pixels get :func:`resize_bilinear` of its own ``h_n x w_n`` cells to its own ``H_n x W_n``
+  size, exactly what it gets alone; every other pixel is 0. (A plain resize of the padded map
+  would stretch each image's cells by the bucket's ratio instead of its own.)"""
+  h_in, w_in = masking.image_sizes(valid)
+  h_out, w_out = masking.image_sizes(mask)
+  mh = _interp_matrices_per_image(h_out, h_in, mask.shape[1], x.shape[1], x.dtype)
+  mw = _interp_matrices_per_image(w_out, w_in, mask.shape[2], x.shape[2], x.dtype)
+  x = jnp.einsum("noh,nhwc->nowc", mh, x)
+  return jnp.einsum("npw,nowc->nopc", mw, x)
+
+
 class FCNHead(nnx.Module):
   """torchvision's ``FCNHead``: 3×3 conv to ``in // 4`` (no bias), BN, ReLU, dropout 0.1, 1×1
   conv to the classes. (N, h, w, in) -> (N, h, w, num_classes). Attributes ``conv``, ``bn``,
@@ -95,8 +129,10 @@ class FCNHead(nnx.Module):
     self.classifier = nnx.Conv(inter, num_classes, (1, 1), padding="VALID", dtype=dtype,
                                rngs=rngs)
 
-  def __call__(self, x):
-    return self.classifier(self.dropout(jax.nn.relu(self.bn(self.conv(x)))))
+  def __call__(self, x, mask=None):
+    """``mask`` (N, h, w) bool: the image cells of ``x`` (:mod:`fcnjax.models.masking`)."""
+    y = jax.nn.relu(masking.batch_norm(self.bn, self.conv(x), mask))
+    return self.classifier(self.dropout(y))
 
 
 class TorchvisionFCN(nnx.Module):
@@ -107,6 +143,9 @@ class TorchvisionFCN(nnx.Module):
   ``model(x)`` -> (N, H, W, num_classes) logits; ``model(x, return_aux=True)`` -> ``(logits,
   aux_logits)`` (``aux_logits`` is ``None`` without the aux head); with
   ``return_intermediates=True`` also the backbone's intermediates (``(logits, out)``).
+  ``mask`` (N, H, W) bool marks each image's pixels in a zero-padded batch: BatchNorm uses its
+  cells only and each image's scores are resized to its own size
+  (:func:`resize_bilinear_masked`; logits are 0 on padding).
   """
 
   def __init__(self, backbone: resnet_lib.ResNet, num_classes: int = 21, *, aux: bool = True,
@@ -127,25 +166,32 @@ class TorchvisionFCN(nnx.Module):
       mods["aux_classifier"] = (self.aux_classifier,)
     return mods
 
-  def __call__(self, x: jax.Array, *, return_aux: bool = False,
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, return_aux: bool = False,
                return_intermediates: bool = False):
     h, w = x.shape[1], x.shape[2]
     if return_intermediates:
-      feats, out = self.backbone(x, return_intermediates=True)
+      feats, out = self.backbone(x, mask=mask, return_intermediates=True)
     else:
-      feats, out = self.backbone(x), {}
+      feats, out = self.backbone(x, mask=mask), {}
+    masks = {s: self.backbone.feature_mask(mask, s) for s in ("layer3", "layer4")}
+
+    def resize(scores, stage):
+      if mask is None:
+        return resize_bilinear(scores, h, w)
+      return resize_bilinear_masked(scores, masks[stage], mask)
+
     if return_intermediates and self.aux_classifier is not None:
       # its own row in summaries (not part of the logits)
-      out["aux_classifier"] = self.aux_classifier(feats["layer3"])
-    scores = record(out, "classifier", self.classifier(feats["layer4"]))
-    logits = record(out, "resize", resize_bilinear(scores, h, w))
+      out["aux_classifier"] = self.aux_classifier(feats["layer3"], masks["layer3"])
+    scores = record(out, "classifier", self.classifier(feats["layer4"], masks["layer4"]))
+    logits = record(out, "resize", resize(scores, "layer4"))
     if return_intermediates:
       return logits, out
     if not return_aux:
       return logits
     if self.aux_classifier is None:
       return logits, None
-    return logits, resize_bilinear(self.aux_classifier(feats["layer3"]), h, w)
+    return logits, resize(self.aux_classifier(feats["layer3"], masks["layer3"]), "layer3")
 
 
 def fcn_resnet50(num_classes: int = 21, *, aux: bool = True, width_multiplier: float = 1.0,
@@ -192,7 +238,9 @@ class D2LFCN(nnx.Module):
   multiples of 32 that is the whole output: d2l's network unchanged). d2l's kernel and padding
   put output pixel ``o`` at layer-4 coordinate ``(o - 15.5) / 32``, a 15.5-pixel shift against
   the backbone's grid; fcnjax reproduces it rather than correcting it, so that d2l-trained
-  weights mean what they meant.
+  weights mean what they meant. ``mask`` (N, H, W) bool marks each image's pixels in a
+  zero-padded batch: BatchNorm uses its cells only and the 1×1 conv's output is zeroed outside
+  them (as a lone run, whose transposed conv sees no cell beyond the image's).
   """
 
   def __init__(self, backbone: nnx.Module, num_classes: int = 21, *,
@@ -200,7 +248,10 @@ class D2LFCN(nnx.Module):
     self.backbone = backbone
     self.num_classes = num_classes
     self.relu_after_score = relu_after_score
-    self.preprocessing = preprocessing_lib.TORCHVISION
+    # Keras' ResNet V2 weights expect inputs in [-1, 1]; torchvision's ResNets their mean / std
+    self.preprocessing = (preprocessing_lib.KERAS_TF
+                          if isinstance(backbone, resnet_lib.PreActResNet)
+                          else preprocessing_lib.TORCHVISION)
     c = backbone.feature_channels["layer4"]
     self.final_conv = nnx.Conv(c, num_classes, (1, 1), padding="VALID", dtype=dtype, rngs=rngs)
     stride = backbone.output_stride  # 32
@@ -211,15 +262,17 @@ class D2LFCN(nnx.Module):
                                                   "transpose_conv": (self.transpose_conv,),
                                                   "crop": ()}
 
-  def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
+               return_intermediates: bool = False):
     h, w = x.shape[1], x.shape[2]
     if return_intermediates:
-      feats, out = self.backbone(x, return_intermediates=True)
+      feats, out = self.backbone(x, mask=mask, return_intermediates=True)
     else:
-      feats, out = self.backbone(x), {}
+      feats, out = self.backbone(x, mask=mask), {}
     y = self.final_conv(feats["layer4"])
     if self.relu_after_score:
       y = jax.nn.relu(y)
+    y = masking.zero_outside(y, self.backbone.feature_mask(mask, "layer4"))
     y = record(out, "final_conv", y)
     y = record(out, "transpose_conv", self.transpose_conv(y))
     logits = record(out, "crop", y[:, :h, :w, :])

@@ -27,7 +27,7 @@ from typing import Sequence
 import jax
 from flax import nnx
 
-from fcnjax.models import cpu_ops, geometry
+from fcnjax.models import cpu_ops, geometry, masking
 from fcnjax.models.layers import ConvBlock, conv_general_dilated_for
 from fcnjax.models.taps import record
 
@@ -122,10 +122,19 @@ class VGG(nnx.Module):
       mods |= {_layer_name(i, k): v for k, v in block.layer_modules().items()}
     return mods | {"fc6": (self.fc6,), "fc7": (self.fc7,)}
 
-  def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
+               return_intermediates: bool = False):
+    """``mask`` (N, H, W) bool marks each image's pixels in a zero-padded batch; with
+    ``batch_norm`` its BatchNorms then use the cells a lone run of the image has
+    (:func:`fcnjax.models.masking.valid_masks` over :attr:`size_ops`)."""
     feats, out = {}, collections.OrderedDict()
+    masks = (masking.valid_masks(mask, self.size_ops)
+             if mask is not None and self.blocks[0].norms is not None else None)
+    first = 1 if self.input_multiple > 1 else 0  # size_ops[0] rounds up to input_multiple
     for i, block in enumerate(self.blocks):
-      x, block_out = block(x, return_intermediates=True,
+      block_masks = None if masks is None else masks[first:first + len(block.convs)]
+      first += len(block.size_ops())
+      x, block_out = block(x, masks=block_masks, return_intermediates=True,
                            name_of=lambda k, i=i: _layer_name(i, k))
       out.update((_layer_name(i, k), v) for k, v in block_out.items())
       feats[f"pool{i + 1}"] = x

@@ -80,9 +80,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, reduction: st
   their running statistics in training too and never update them (fine-tuning at small
   per-device batches); their scale and bias are still learnt.
 
-  BatchNorm statistics in training are over the **global** batch: under a mesh the batch is one
-  sharded array and XLA reduces across devices (SyncBN semantics; a size bucket's padding
-  pixels are part of the batch they are computed over).
+  The model sees ``model(batch["image"], mask=batch["mask"])``: BatchNorm statistics in
+  training are over the image pixels' cells of the **global** batch (under a mesh the batch is
+  one sharded array and XLA reduces across devices: SyncBN semantics); a size bucket's padding
+  and its dummy examples never enter them (:mod:`fcnjax.models.masking`).
 
   ``metrics``: float32 scalars ``loss`` (the total that was differentiated), ``valid_pixels``,
   ``grad_norm`` (global L2 norm of the gradients, before the optimizer), with Dice on also
@@ -106,9 +107,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, reduction: st
       if frozen_batch_norm:
         freeze_batch_norm(model)
       if aux_weight > 0:
-        logits, aux_logits = model(batch["image"], return_aux=True)
+        logits, aux_logits = model(batch["image"], mask=batch["mask"], return_aux=True)
       else:
-        logits = model(batch["image"])
+        logits = model(batch["image"], mask=batch["mask"])
       ce, valid = segmentation_loss(logits, batch["label"], batch["mask"],
                                     reduction=reduction, class_weights=class_weights)
       terms = {"valid_pixels": valid}
@@ -150,13 +151,15 @@ def make_eval_step(graphdef):
   """A jitted ``eval_step(params, rest, hist, batch) -> hist``.
 
   ``hist`` (C, C) int32 confusion matrix (rows = truth), accumulated over pixels whose label is
-  not 255 and whose mask is True (padding and dummy examples never count).
+  not 255 and whose mask is True (padding and dummy examples never count). The model sees the
+  mask too (``model(image, mask=mask)``), so a ResNet's padding cells stay zero after each
+  BatchNorm and torchvision's FCN resizes each image's scores to its own size.
   """
 
   def eval_step(params, rest, hist, batch):
     model = nnx.merge(graphdef, params, rest, copy=True)
     model.eval()
-    logits = model(batch["image"])
+    logits = model(batch["image"], mask=batch["mask"])
     return update_confusion(hist, logits, batch["label"], batch["mask"])
 
   return jax.jit(eval_step, donate_argnums=(2,), compiler_options=step_compiler_options())

@@ -1,6 +1,7 @@
 """BatchNorm under data parallelism: one train step of a ResNet FCN on a batch sharded over 8
 simulated devices == the same step on one device (SyncBN semantics: statistics over the global
-batch), and frozen BatchNorm keeps its running statistics.
+batch, over image pixels only: the batch has a partly padded example and a dummy one), and
+frozen BatchNorm keeps its running statistics.
 
 Run from ``tests/``: ``python -m sharded.check_batch_norm`` with 8 simulated CPU devices (exit
 status 0 = all checks passed). Tolerances: loss ``rtol=1e-5``; BatchNorm running statistics
@@ -34,6 +35,7 @@ def batch():
   label = rng.integers(0, 3, (8, 37, 45)).astype(np.uint8)
   mask = np.ones((8, 37, 45), bool)
   mask[7, 20:] = False
+  mask[6] = False       # a dummy example: no pixel of it enters the statistics
   return {"image": image, "label": label, "mask": mask}
 
 
