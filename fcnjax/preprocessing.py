@@ -2,7 +2,9 @@
 
 The Caffe reference FCN (and the Caffe VGG16 it starts from) expects **BGR, 0–255, minus the
 per-channel mean** ``CAFFE_MEAN_BGR``. torchvision/timm VGG16 weights expect **RGB in [0, 1],
-minus ``IMAGENET_MEAN_RGB``, divided by ``IMAGENET_STD_RGB``**. Images in fcnjax's data pipeline are
+minus ``IMAGENET_MEAN_RGB``, divided by ``IMAGENET_STD_RGB``**. Keras' ResNet V2 ImageNet weights
+(``keras.applications.resnet_v2.preprocess_input``, mode ``"tf"``) expect **RGB scaled to
+[-1, 1]**: ``x / 127.5 - 1``. Images in fcnjax's data pipeline are
 RGB uint8 (H, W, 3); these functions turn them into the float32 NHWC tensor a model expects.
 """
 
@@ -35,6 +37,12 @@ def torchvision_preprocess(rgb_uint8):
   return (x - IMAGENET_MEAN_RGB) / IMAGENET_STD_RGB
 
 
+def keras_tf_preprocess(rgb_uint8):
+  """RGB uint8 (..., H, W, 3) -> float32 RGB ``x / 127.5 - 1`` in [-1, 1] (Keras' mode ``"tf"``,
+  the ResNet V2 ImageNet weights' convention)."""
+  return np.asarray(rgb_uint8, np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
   """A named input convention: ``fn`` maps RGB uint8 (..., H, W, 3) to the model's float32 input.
@@ -54,3 +62,4 @@ CAFFE = Preprocessing("caffe-bgr-mean", caffe_preprocess,
                       tuple(int(round(v)) for v in CAFFE_MEAN_BGR[::-1]))
 TORCHVISION = Preprocessing("torchvision-rgb-imagenet", torchvision_preprocess,
                             tuple(int(round(255 * v)) for v in IMAGENET_MEAN_RGB))
+KERAS_TF = Preprocessing("keras-tf-rgb-pm1", keras_tf_preprocess, (128, 128, 128))

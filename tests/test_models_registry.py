@@ -11,7 +11,8 @@ from fcnjax.weights import layouts
 NAMES = ["fcn32s", "fcn16s", "fcn8s", "fcn8s-atonce", "fcn4s", "fcn2s", "vgg16"]
 RESNET_SEGMENTERS = ["fcn_resnet50", "fcn_resnet101", "d2l_fcn_resnet18", "d2l_fcn_resnet101v2",
                      "fcn8s-resnet18", "fcn8s-resnet50"]
-RESNET_BACKBONES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet101v2"]
+RESNET_BACKBONES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet50v2", "resnet101v2",
+                    "resnet152v2"]
 CLASSIFIERS = ["fcn_classifier", "fcn_classifier-vgg16", "fcn_classifier-resnet18",
                "fcn_classifier-resnet50"]
 

@@ -65,6 +65,12 @@ def caffe_preprocess_jnp(rgb_uint8: jax.Array) -> jax.Array:
   return x - jnp.asarray(preprocessing_lib.CAFFE_MEAN_BGR)
 
 
+def keras_tf_preprocess_jnp(rgb_uint8: jax.Array) -> jax.Array:
+  """jnp :func:`fcnjax.preprocessing.keras_tf_preprocess`: RGB uint8 (..., 3) -> float32
+  ``x / 127.5 - 1``."""
+  return rgb_uint8.astype(jnp.float32) / jnp.float32(127.5) - jnp.float32(1.0)
+
+
 def torchvision_preprocess_jnp(rgb_uint8: jax.Array) -> jax.Array:
   """jnp :func:`fcnjax.preprocessing.torchvision_preprocess`: RGB uint8 (..., 3) -> float32
   ``(x / 255 - IMAGENET_MEAN_RGB) / IMAGENET_STD_RGB``."""
@@ -88,6 +94,9 @@ _JNP_PREPROCESSING = {
         "mean": _as_list(preprocessing_lib.IMAGENET_MEAN_RGB),
         "std": _as_list(preprocessing_lib.IMAGENET_STD_RGB),
         "formula": "(float32(rgb) / 255 - mean) / std (RGB order)"}),
+    preprocessing_lib.KERAS_TF.name: (keras_tf_preprocess_jnp, {
+        "channel_order": "RGB", "scale": 1.0 / 127.5, "mean": [127.5, 127.5, 127.5],
+        "std": [127.5, 127.5, 127.5], "formula": "float32(rgb) / 127.5 - 1 (RGB order)"}),
 }
 
 

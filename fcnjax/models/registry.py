@@ -161,8 +161,9 @@ SPECS: dict[str, ModelSpec] = {s.name: s for s in (
               segmenter=True),
     *(ModelSpec(f"resnet{d}", _backbone(d), f"the ResNet-{d} backbone alone (torchvision's, "
                 "no pooling or fc)", family="resnet") for d in (18, 34, 50, 101)),
-    ModelSpec("resnet101v2", _backbone(101, preact=True),
-              "the Keras ResNet-101 V2 backbone alone (pre-activation, no top)", family="resnet"),
+    *(ModelSpec(f"resnet{d}v2", _backbone(d, preact=True),
+                f"the Keras ResNet-{d} V2 backbone alone (pre-activation, no top)",
+                family="resnet") for d in (50, 101, 152)),
 )}
 
 

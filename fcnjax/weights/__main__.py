@@ -1,8 +1,7 @@
 """Command line: ``python -m fcnjax.weights {convert,save,inspect}``.
 
-``convert SRC DST --layout {torchvision-vgg16,pytorch-fcn,torchvision-resnet,torchvision-fcn-resnet}
-[--model fcn8s] [--num-classes N]
-[--preprocessing caffe|torchvision]`` writes an fcnjax ``.safetensors`` (with metadata: layout,
+``convert SRC DST --layout {torchvision-vgg16,pytorch-fcn,torchvision-resnet,torchvision-fcn-resnet,
+keras-resnet-v2} [--model fcn8s] [--num-classes N] [--preprocessing caffe|torchvision|keras]`` writes an fcnjax ``.safetensors`` (with metadata: layout,
 model, num_classes, preprocessing, ...) that ``fcnjax.weights.load(DST)`` reads back directly.
 
 ``save WORKDIR DST [--step N]`` writes the model of a training workdir (its best checkpoint,
@@ -59,6 +58,17 @@ def _inspect(path) -> int:
       print(f"model: {spec['name']} (width x{spec['width_multiplier']:g}{extra})")
     except WeightsError as e:
       print(f"model: ? ({e})")
+  if layout == layouts.KERAS_RESNET_V2:
+    from fcnjax.weights.api import _keras_resnet_v2_spec
+    from fcnjax.weights.errors import WeightsError
+    stats = ("moving_mean", "moving_variance")
+    learnable = sum(int(np.prod(v.shape)) for k, v in tensors.items() if not k.endswith(stats))
+    print(f"learnable parameters (without BatchNorm statistics): {learnable:,}")
+    try:
+      spec = _keras_resnet_v2_spec(tensors, None, None)
+      print(f"model: {spec['name']} (width x{spec['width_multiplier']:g})")
+    except WeightsError as e:
+      print(f"model: ? ({e})")
   for k, v in sorted(metadata.items()):
     print(f"metadata.{k}: {v}")
   return 0
@@ -73,14 +83,14 @@ def main(argv=None) -> int:
   c.add_argument("dst", help="output .safetensors")
   c.add_argument("--layout", required=True,
                  choices=["torchvision-vgg16", "pytorch-fcn", "torchvision-resnet",
-                          "torchvision-fcn-resnet"])
+                          "torchvision-fcn-resnet", "keras-resnet-v2"])
   c.add_argument("--model", default=None,
                  help="fcnjax model to build: vgg16 / resnet18 ... (default for ImageNet files), "
                       "fcn32s, fcn16s, fcn8s, fcn8s-atonce, fcn_resnet50, d2l_fcn_resnet18, ... "
                       "(default: inferred from a pytorch-fcn or torchvision FCN-ResNet file)")
   c.add_argument("--num-classes", type=int, default=None,
                  help="classes of the model built from an ImageNet backbone (default 21)")
-  c.add_argument("--preprocessing", default=None, choices=["caffe", "torchvision"],
+  c.add_argument("--preprocessing", default=None, choices=["caffe", "torchvision", "keras"],
                  help="override the input convention recorded for the weights")
   w = sub.add_parser("save", help="a training workdir's model as an fcnjax .safetensors")
   w.add_argument("workdir")

@@ -260,6 +260,8 @@ def _spec_from_file(tensors, metadata, layout, path, model_override, num_classes
         learnable_upsampling=meta.get("learnable_upsampling", False))
   if layout in (L.TORCHVISION_RESNET, L.TORCHVISION_FCN_RESNET):
     return _torchvision_resnet_spec(tensors, layout, model_override, num_classes)
+  if layout == L.KERAS_RESNET_V2:
+    return _keras_resnet_v2_spec(tensors, model_override, num_classes)
   if layout == L.TORCHVISION_VGG16 or ("conv1_1.weight" not in tensors
                                        and "features.0.weight" in tensors):  # vgg16_from_caffe
     width = _width_from(tensors, "features.0.weight", layout)
@@ -312,6 +314,29 @@ def _torchvision_resnet_spec(tensors, layout, model_override, num_classes) -> di
   return dict(name=model_override or f"fcn_resnet{depth}",
               num_classes=num_classes or file_classes, width_multiplier=width,
               aux=any(k.startswith("aux_classifier.") for k in tensors))
+
+
+def _keras_resnet_v2_spec(tensors, model_override, num_classes) -> dict:
+  """The pre-activation ResNet a Keras ``ResNet*V2`` file describes: depth from the blocks per
+  stage (``conv{s}_block{b}_*``), width from ``conv1_conv/kernel`` (HWIO, 64 outputs at full
+  width)."""
+  from fcnjax.models import resnet as R
+  key = "conv1_conv/kernel"
+  if key not in tensors:
+    raise MissingKeyError([key], L.KERAS_RESNET_V2,
+                          purpose="needed to build the model from the file: it gives the width")
+  w = tensors[key]
+  if w.ndim != 4:
+    raise ShapeMismatchError(key, "a 4-D conv kernel (kh, kw, in, out)", w.shape)
+  blocks = tuple(len({k.split("_", 2)[1] for k in tensors if k.startswith(f"conv{s}_block")})
+                 for s in range(2, 6))
+  depth = next((d for d in (50, 101, 152) if R.DEPTHS[d] == blocks), None)
+  if depth is None:
+    raise LayoutError(f"a Keras ResNet V2 with {blocks} blocks per stage is no known depth "
+                      f"(ResNet50V2: {R.DEPTHS[50]}, ResNet101V2: {R.DEPTHS[101]}, "
+                      f"ResNet152V2: {R.DEPTHS[152]})")
+  return dict(name=model_override or f"resnet{depth}v2", num_classes=num_classes or 21,
+              width_multiplier=L.width_multiplier_of(int(w.shape[-1])))
 
 
 def load(src, model=None, *, layout: str | None = None, model_name_override: str | None = None,
@@ -466,7 +491,8 @@ def convert(src, dst, *, layout: str, model: str | None = None, num_classes: int
     compatible = {L.TORCHVISION_VGG16: (L.TORCHVISION_VGG16,),
                   L.PYTORCH_FCN: (L.PYTORCH_FCN, L.TORCHVISION_VGG16), L.FCNJAX: (L.FCNJAX,),
                   L.TORCHVISION_RESNET: (L.TORCHVISION_RESNET,),
-                  L.TORCHVISION_FCN_RESNET: (L.TORCHVISION_FCN_RESNET,)}
+                  L.TORCHVISION_FCN_RESNET: (L.TORCHVISION_FCN_RESNET,),
+                  L.KERAS_RESNET_V2: (L.KERAS_RESNET_V2,)}
     if found not in compatible[layout]:
       raise LayoutError(f"asked for layout {layout!r} but the keys look like {found!r}")
     spec = _model_from_file(tensors, metadata, found, path, model, num_classes)

@@ -1,10 +1,14 @@
-"""Reading and writing flat tensor files: ``.safetensors``, ``.npz`` and (with PyTorch) ``.pth``.
+"""Reading and writing flat tensor files: ``.safetensors``, ``.npz``, (with PyTorch) ``.pth`` and
+(with h5py) Keras' HDF5 weight files ``.h5``.
 
 Every reader returns ``(tensors, metadata)``: ``tensors`` maps key -> ``numpy.ndarray`` exactly as
 stored (no layout conversion here), ``metadata`` is a ``dict[str, str]`` (safetensors' header
 metadata; empty for the other formats). Nothing is unpickled: ``.safetensors`` and ``.npz`` are
 read with numpy only (``np.load(allow_pickle=False)``), and ``.pth`` / ``.pt`` / ``.bin`` files go
 through ``torch.load(..., weights_only=True)``, PyTorch's restricted loader, imported lazily.
+Keras ``.h5`` files (the ``keras.applications`` ImageNet weights, ``model.save("m.h5")``,
+``model.save_weights`` of Keras 2) are read with h5py, keyed ``"layer/weight"`` (e.g.
+``conv2_block1_1_conv/kernel``).
 
 Every failure to read or write is a :class:`~fcnjax.weights.errors.WeightsError` (mostly
 :class:`~fcnjax.weights.errors.FormatError`) whose message starts with ``"PATH: "``; the
@@ -23,6 +27,7 @@ from fcnjax.weights.errors import FormatError, WeightsFileNotFound, about_file
 SAFETENSORS_EXTS = (".safetensors",)
 NPZ_EXTS = (".npz",)
 TORCH_EXTS = (".pth", ".pt", ".bin", ".ckpt")
+KERAS_EXTS = (".h5", ".hdf5")
 
 # Keys under which training checkpoints commonly nest their state dict (pytorch-fcn's own
 # training checkpoints use "model_state_dict").
@@ -163,6 +168,46 @@ def read_torch(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   return tensors, {}
 
 
+def read_keras_h5(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """Read a Keras HDF5 weight file in the layer-named format (Keras 2's, and Keras 3's for a
+  ``.h5`` name): the root (or its ``model_weights`` group) lists ``layer_names``, each layer
+  group its ``weight_names`` (``"conv1_conv/kernel:0"``). Keys are ``"layer/weight"`` without
+  the ``:0``; arrays as stored (Keras kernels are HWIO, as fcnjax's). Metadata: ``keras_version``
+  and ``backend`` where the file has them."""
+  try:
+    import h5py  # noqa: PLC0415 (lazy on purpose: only Keras files need it)
+  except ImportError as e:
+    raise FormatError(f"{path}: reading Keras .h5 files needs h5py (pip install h5py)") from e
+  try:
+    f = h5py.File(os.fspath(path), "r")
+  except OSError as e:
+    raise FormatError(f"{path}: not a readable HDF5 file ({_reason(e)})") from e
+  with f:
+    root = f["model_weights"] if "model_weights" in f else f
+    if "layer_names" not in root.attrs:
+      layers = ", ".join(list(root.keys())[:4])
+      raise FormatError(
+          f"{path}: not a layer-named Keras weight file (no 'layer_names'; top-level groups: "
+          f"{layers or 'none'}). A Keras 3 '.weights.h5' names layers by creation order; save "
+          "the model with model.save('model.h5') instead")
+    tensors = {}
+    try:
+      for layer in root.attrs["layer_names"]:
+        layer = layer.decode() if isinstance(layer, bytes) else str(layer)
+        g = root[layer]
+        for name in g.attrs.get("weight_names", []):
+          name = name.decode() if isinstance(name, bytes) else str(name)
+          key = name.split(":", 1)[0]
+          if "/" not in key:
+            key = f"{layer}/{key}"
+          tensors[key] = np.asarray(g[name])
+    except (KeyError, OSError, ValueError) as e:
+      raise FormatError(f"{path}: damaged Keras weight file ({_reason(e, with_type=True)})") from e
+    metadata = {k: (v.decode() if isinstance(v, bytes) else str(v))
+                for k, v in f.attrs.items() if k in ("keras_version", "backend")}
+  return tensors, metadata
+
+
 def read(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """Read any supported weight file by extension; returns ``(tensors, metadata)``.
 
@@ -187,8 +232,10 @@ def read(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
       return read_npz(path)
     if ext in TORCH_EXTS:
       return read_torch(path)
+    if ext in KERAS_EXTS:
+      return read_keras_h5(path)
     raise FormatError(f"{path}: unknown weight file extension {ext!r}; expected one of "
-                      f"{SAFETENSORS_EXTS + NPZ_EXTS + TORCH_EXTS}")
+                      f"{SAFETENSORS_EXTS + NPZ_EXTS + TORCH_EXTS + KERAS_EXTS}")
 
 
 def write_safetensors(path, tensors: Mapping[str, np.ndarray],

@@ -29,6 +29,15 @@ Layouts:
   torchvision's ``segmentation.fcn_resnet50/101`` (``backbone.*`` as above, ``classifier.{0,1,4}``
   = the FCNHead's 3×3 conv, BN and 1×1 conv, ``aux_classifier.*`` likewise; an aux head in the
   file is ignored, and reported, when the model has none).
+``keras-resnet-v2``
+  Keras' ``ResNet50V2`` / ``ResNet101V2`` / ``ResNet152V2`` (``keras.applications``; the ImageNet
+  ``*_weights_tf_dim_ordering_tf_kernels_notop.h5`` files): ``conv1_conv/{kernel,bias}``,
+  ``conv{s}_block{b}_preact_bn``, ``_1_conv`` / ``_1_bn``, ``_2_conv`` / ``_2_bn``,
+  ``_3_conv`` (with bias), ``_0_conv`` (the shortcut, with bias), ``post_bn``; stage ``s`` = 2..5
+  is fcnjax's ``layer{s-1}``; BatchNorm ``gamma`` / ``beta`` / ``moving_mean`` /
+  ``moving_variance`` become ``scale`` / ``bias`` / ``mean`` / ``var``; kernels are HWIO as
+  fcnjax's. The top (``predictions/*``) is dropped. Into a pre-activation ResNet backbone or
+  the d2l TF2 FCN's.
 ``fcnjax``
   fcnjax's own: the model's parameter paths, fcnjax shapes (HWIO), written by
   :func:`fcnjax.weights.save` with metadata.
@@ -52,8 +61,10 @@ TORCHVISION_VGG16 = "torchvision-vgg16"
 PYTORCH_FCN = "pytorch-fcn"
 TORCHVISION_RESNET = "torchvision-resnet"
 TORCHVISION_FCN_RESNET = "torchvision-fcn-resnet"
+KERAS_RESNET_V2 = "keras-resnet-v2"
 FCNJAX = "fcnjax"
-LAYOUTS = (TORCHVISION_VGG16, PYTORCH_FCN, TORCHVISION_RESNET, TORCHVISION_FCN_RESNET, FCNJAX)
+LAYOUTS = (TORCHVISION_VGG16, PYTORCH_FCN, TORCHVISION_RESNET, TORCHVISION_FCN_RESNET,
+           KERAS_RESNET_V2, FCNJAX)
 
 # Rule kinds: how a file tensor becomes the fcnjax parameter.
 IDENTITY = "identity"        # same array (biases; fcnjax files)
@@ -285,6 +296,47 @@ def torchvision_ignored(file_keys: Iterable[str], layout: str, model) -> tuple[s
   return tuple(out)
 
 
+# -- Keras' pre-activation ResNets (V2) ---------------------------------------------------------
+_KERAS_BN = (("gamma", "scale"), ("beta", "bias"), ("moving_mean", "mean"),
+             ("moving_variance", "var"))
+
+
+def _keras_bn_rules(src: str, dst: str) -> list[Rule]:
+  return [Rule(f"{src}/{a}", f"{dst}.{b}", IDENTITY, BACKBONE) for a, b in _KERAS_BN]
+
+
+def _keras_conv_rules(src: str, dst: str, bias: bool) -> list[Rule]:
+  rules = [Rule(f"{src}/kernel", f"{dst}.kernel", IDENTITY, BACKBONE)]
+  return rules + ([Rule(f"{src}/bias", f"{dst}.bias", IDENTITY, BACKBONE)] if bias else [])
+
+
+def keras_resnet_v2_rules(model) -> list[Rule]:
+  """Rules for Keras' layer names of ``ResNet{50,101,152}V2`` onto the model's
+  :class:`~fcnjax.models.resnet.PreActResNet` backbone."""
+  bb = resnet_of(model)
+  if not isinstance(bb, resnet_lib.PreActResNet):
+    raise LayoutError(f"the keras-resnet-v2 layout needs a model with a pre-activation ResNet "
+                      f"(V2) backbone (resnet101v2, d2l_fcn_resnet101v2); got "
+                      f"{type(bb or model).__name__}")
+  rules = _keras_conv_rules("conv1_conv", "backbone.conv1", True)
+  for i, stage in enumerate(bb.stages()):
+    for j, block in enumerate(stage):
+      src, dst = f"conv{i + 2}_block{j + 1}", f"backbone.layer{i + 1}.{j}"
+      rules += _keras_bn_rules(f"{src}_preact_bn", f"{dst}.preact_bn")
+      if block.shortcut is not None:
+        rules += _keras_conv_rules(f"{src}_0_conv", f"{dst}.shortcut", True)
+      for c in (1, 2):
+        rules += [*_keras_conv_rules(f"{src}_{c}_conv", f"{dst}.conv{c}", False),
+                  *_keras_bn_rules(f"{src}_{c}_bn", f"{dst}.bn{c}")]
+      rules += _keras_conv_rules(f"{src}_3_conv", f"{dst}.conv3", True)
+  return rules + _keras_bn_rules("post_bn", "backbone.post_bn")
+
+
+def keras_ignored(file_keys: Iterable[str]) -> tuple[str, ...]:
+  """File keys the Keras layout drops on purpose: the ImageNet top (``predictions/*``)."""
+  return tuple(k for k in file_keys if k.startswith("predictions/"))
+
+
 def fcnjax_rules(model, file_keys: Iterable[str] = ()) -> list[Rule]:
   """Rules for fcnjax files: identity per parameter.
 
@@ -319,6 +371,8 @@ def rules_for(layout: str, model, file_keys: Iterable[str] = ()) -> tuple[list[R
     return torchvision_resnet_rules(model), torchvision_ignored(file_keys, layout, model)
   if layout == TORCHVISION_FCN_RESNET:
     return torchvision_fcn_resnet_rules(model), torchvision_ignored(file_keys, layout, model)
+  if layout == KERAS_RESNET_V2:
+    return keras_resnet_v2_rules(model), keras_ignored(file_keys)
   if layout == FCNJAX:
     return fcnjax_rules(model, file_keys), ()
   raise LayoutError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
@@ -336,6 +390,8 @@ def infer_layout(keys: Iterable[str], metadata: Mapping[str, str] | None = None)
     return TORCHVISION_FCN_RESNET
   if not fcnjax_file and "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
     return TORCHVISION_RESNET
+  if not fcnjax_file and "conv1_conv/kernel" in keys and "post_bn/gamma" in keys:
+    return KERAS_RESNET_V2
   if fcnjax_file or any(k.startswith("backbone.") for k in keys):
     return FCNJAX
   if any(k.startswith("features.") for k in keys):
@@ -346,7 +402,8 @@ def infer_layout(keys: Iterable[str], metadata: Mapping[str, str] | None = None)
   raise LayoutError(f"cannot infer the weight layout from keys ({sample}, ...); expected "
                     f"torchvision VGG16 (features.N...), pytorch-fcn (conv1_1..., score_fr...), "
                     "a torchvision ResNet (conv1, layer1.0...) or FCN-ResNet (backbone.conv1..., "
-                    "classifier...) or an fcnjax file (backbone....)")
+                    "classifier...), a Keras ResNet V2 (conv1_conv/kernel, post_bn/gamma...) or "
+                    "an fcnjax file (backbone....)")
 
 
 def infer_pytorch_fcn_model(keys: Iterable[str], path=None) -> str:

@@ -39,8 +39,8 @@ from fcnjax.weights.errors import (DTypeError, FormatError, GeometryError, Layou
 #: the model's upsampling is fixed (kernel values lie in [0, 1]; float32 files agree to ~1e-7).
 BILINEAR_ATOL = 1e-5
 
-PREPROCESSINGS = {p.name: p for p in (pp.CAFFE, pp.TORCHVISION)}
-_ALIASES = {"caffe": pp.CAFFE, "torchvision": pp.TORCHVISION}
+PREPROCESSINGS = {p.name: p for p in (pp.CAFFE, pp.TORCHVISION, pp.KERAS_TF)}
+_ALIASES = {"caffe": pp.CAFFE, "torchvision": pp.TORCHVISION, "keras": pp.KERAS_TF}
 
 
 def resolve_preprocessing(p) -> pp.Preprocessing | None:
@@ -68,6 +68,8 @@ def default_preprocessing(layout: str, metadata: Mapping[str, str], path) -> pp.
     return pp.CAFFE if "caffe" in name else pp.TORCHVISION
   if layout in (L.TORCHVISION_RESNET, L.TORCHVISION_FCN_RESNET):
     return pp.TORCHVISION
+  if layout == L.KERAS_RESNET_V2:
+    return pp.KERAS_TF
   return pp.CAFFE
 
 
