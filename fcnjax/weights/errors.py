@@ -92,6 +92,16 @@ class LayoutError(WeightsError):
   """The file's key layout is not the one asked for, or cannot be inferred."""
 
 
+LISTED_KEYS = 12
+"""How many keys an error message names before it says how many more there are."""
+
+
+def _listed(keys) -> str:
+  """``"K1, K2, ..."``: the first :data:`LISTED_KEYS` keys, then ``"... and N more"``."""
+  more = len(keys) - LISTED_KEYS
+  return ", ".join(keys[:LISTED_KEYS]) + (f", ... and {more} more" if more > 0 else "")
+
+
 class MissingKeyError(WeightsError):
   """The model (or building the model from the file) needs keys that the file does not have.
 
@@ -103,7 +113,7 @@ class MissingKeyError(WeightsError):
     self.key = self.keys[0] if len(self.keys) == 1 else None
     why = f" ({purpose})" if purpose else ""
     super().__init__(f"{len(self.keys)} key(s) missing from the {layout} weight file: "
-                     f"{', '.join(self.keys)}{why}")
+                     f"{_listed(self.keys)}{why}")
 
 
 class UnexpectedKeyError(WeightsError):
@@ -113,7 +123,7 @@ class UnexpectedKeyError(WeightsError):
     self.keys = sorted(keys)
     self.key = self.keys[0] if len(self.keys) == 1 else None
     super().__init__(f"{len(self.keys)} unexpected key(s) in the {layout} weight file (the model "
-                     f"has no place for them): {', '.join(self.keys)}")
+                     f"has no place for them): {_listed(self.keys)}")
 
 
 class ShapeMismatchError(WeightsError):
