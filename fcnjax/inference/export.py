@@ -337,7 +337,9 @@ def export_model(loaded, out_path, *, platforms=None) -> dict:
   ``mean``, ``std``, ``formula``; applied inside the artifact), ``pad_value_rgb``, ``model``
   (``info`` and ``description``), ``translation_period`` (the total stride: shifting the input
   by a multiple of it shifts the logits alike; ``None`` for a classifier without coordinate
-  maps), ``input_multiple``, ``shape_constraints``,
+  maps), ``input_multiple``, ``bucket_padding_safe`` (false for a model whose logits depend on
+  the whole input size, torchvision's FCN-ResNet: :class:`~fcnjax.inference.Predictor` then runs
+  images unpadded), ``shape_constraints``,
   ``platforms`` (lowered for), ``platforms_requested``, ``platforms_note``, ``check`` (the
   comparison with the model on this backend, or ``None`` where the artifact is not lowered
   for it), ``fcnjax_version``, ``jax_version``, ``created`` (ISO date), ``export_seconds``.
@@ -417,6 +419,7 @@ def export_model(loaded, out_path, *, platforms=None) -> dict:
       "model": {"info": dict(loaded.info), "description": loaded.description},
       "translation_period": _translation_period(bb),
       "input_multiple": int(getattr(bb, "input_multiple", 1)),
+      "bucket_padding_safe": not getattr(loaded.model, "resizes_to_input_size", False),
       "shape_constraints": f"N >= 1, H >= {min_size[0]}, W >= {min_size[1]}",
       "platforms": list(exported.platforms),
       "platforms_requested": list(requested) if requested else list(DEFAULT_PLATFORMS),

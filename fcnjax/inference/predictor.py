@@ -10,8 +10,11 @@ How an image is run (every result has exactly the input's height and width):
 * **bucketed** (default): images are padded at the bottom/right to a size bucket planned on the
   sizes to come (:func:`fcnjax.data.buckets.plan_buckets`, ``max_buckets``), batched, and the
   output is cropped back: a handful of programs for any number of sizes. Padding is what training
-  pads with (zeros after preprocessing), but it is context the model sees: with the pad-100 FCN
-  it changes predictions near the bottom/right edge a little.
+  pads with (zeros after preprocessing), and the model gets the batch's mask as in training: a
+  ResNet model then gives each image exactly its lone prediction; to a VGG FCN's score layers the
+  padding is context that changes predictions near the bottom/right edge a little. An exported
+  model has no mask input: one whose output depends on the whole input size (torchvision's
+  FCN-ResNet resizes its scores to it; ``bucket_padding_safe`` false in its JSON) runs exact.
 * **exact** (``exact=True``): every image alone at its own size (the reference protocol; one
   program per distinct size, cached by JAX's persistent compilation cache when it is on). An
   aligned model zero-pads its input to a multiple of 32 itself, so for it sizes are rounded up
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import math
 from typing import Iterable, Iterator
 
@@ -86,7 +90,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class _ModelBackend:
-  """Runs an NNX model: batches preprocessed on the host, zero-padded (as training pads)."""
+  """Runs an NNX model: batches preprocessed on the host, zero-padded (as training pads), with
+  the batch's mask of image pixels (``model(x, mask=mask)``, as the trainer's steps) when the
+  model's ``__call__`` takes one (your own model need not)."""
+
+  pads_safely = True
 
   def __init__(self, model, preprocessing):
     import jax
@@ -98,20 +106,23 @@ class _ModelBackend:
     self.input_multiple = int(getattr(bb, "input_multiple", 1))
     self.preprocessing = preprocessing
     graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+    takes_mask = "mask" in inspect.signature(type(model).__call__).parameters
 
-    def forward(params, rest, x, want):
+    def forward(params, rest, x, mask, want):
       m = nnx.merge(graphdef, params, rest, copy=True)
       m.eval()
-      logits = m(x).astype(jnp.float32)
+      logits = (m(x, mask=mask) if takes_mask else m(x)).astype(jnp.float32)
       return jnp.argmax(logits, -1).astype(jnp.int32) if want == "classes" else logits
 
     self._forward = jax.jit(forward, static_argnames="want")
 
   def __call__(self, batch: list, shape: tuple, rows: int, want: str) -> np.ndarray:
     x = np.zeros((rows, shape[0], shape[1], 3), np.float32)
+    mask = np.zeros((rows, shape[0], shape[1]), bool)
     for i, rgb in enumerate(batch):
       x[i, :rgb.shape[0], :rgb.shape[1]] = self.preprocessing(rgb)
-    return np.asarray(self._forward(self.params, self.rest, x, want))
+      mask[i, :rgb.shape[0], :rgb.shape[1]] = True
+    return np.asarray(self._forward(self.params, self.rest, x, mask, want))
 
 
 class _ExportedBackend:
@@ -124,6 +135,7 @@ class _ExportedBackend:
     self.period = int(exported.translation_period)
     self.input_multiple = int(exported.input_multiple)
     self.pad = np.asarray(exported.pad_value_rgb, np.uint8)
+    self.pads_safely = bool(exported.bucket_padding_safe)
 
   def __call__(self, batch: list, shape: tuple, rows: int, want: str) -> np.ndarray:
     x = np.empty((rows, shape[0], shape[1], 3), np.uint8)
@@ -197,6 +209,8 @@ class Predictor:
     self.batch_pixels, self.max_batch = int(batch_pixels), int(max_batch)
     self.source = _describe_source(weights)
     self._init_backend(weights, step)
+    if not self.backend.pads_safely:  # see the module docstring: such a model runs exact
+      self.exact = True
     if class_names is not None:
       names = tuple(str(n) for n in class_names)
       if len(names) != self.num_classes:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fcnjax import preprocessing as preprocessing_lib
-from fcnjax.models import cpu_ops, geometry
+from fcnjax.models import cpu_ops, geometry, masking
 from fcnjax.models.layers import BilinearUpsample, ScoreHead, crop, fuse
 from fcnjax.models.taps import record
 from fcnjax.models.vgg import VGG
@@ -143,9 +143,10 @@ class FCN(nnx.Module):
 
     ``mask`` (N, H, W) bool marks each image's pixels in a zero-padded batch (the trainer's
     size buckets); it goes to the backbone, whose BatchNorms (ResNet, VGG16-BN) then use image
-    cells only (:mod:`fcnjax.models.masking`). The score heads have no BatchNorm and are not
-    masked: near its bottom / right edge an image's logits see the padding's scores through
-    the upsampling, as without a mask.
+    cells only (:mod:`fcnjax.models.masking`). On a backbone that maps the mask to its feature
+    grids (``feature_mask``: the ResNets) the score maps and fusions are also zeroed outside
+    each image's cells, so every image gets its lone logits; on VGG, near its bottom / right
+    edge an image's logits see the padding's scores through the upsampling.
 
     With ``return_intermediates=True``: ``(logits, out)``, ``out`` an ordered dict of the
     forward's named intermediates in the order computed: ``pad`` (aligned variant only), the
@@ -173,12 +174,24 @@ class FCN(nnx.Module):
           f"input {h}x{w} is too small for this backbone: its {self.backbone.final_stage} map "
           f"is empty ({final.shape[1]}x{final.shape[2]}); floor pooling shrinks maps where the "
           "reference's ceil pooling does not")
-    scores = record(out, "score_fr", self.score_fr(final))
+    feature_mask = getattr(self.backbone, "feature_mask", None)
+
+    def image_cells_only(x, stage):
+      """``x`` on ``stage``'s grid, zero outside the images' cells (when they are known)."""
+      if mask is None or feature_mask is None:
+        return x
+      return masking.zero_outside(x, feature_mask(mask, stage))
+
+    scores = record(out, "score_fr",
+                    image_cells_only(self.score_fr(final), self.backbone.final_stage))
     for name, up_name, up, head, offset in zip(self.skips, self.upscore_names, self.upscore_skips,
                                                self.score_skips, self.skip_offsets):
       scores = record(out, up_name, up(scores))
-      skip_scores = record(out, f"score_{name}", head(feats[name]))
-      scores = record(out, f"fuse_{name}", fuse(scores, skip_scores, offset))
+      skip_scores = record(out, f"score_{name}", image_cells_only(head(feats[name]), name))
+      scores = fuse(scores, skip_scores, offset)
+      if offset < 0:  # the fusion is on the skip's grid
+        scores = image_cells_only(scores, name)
+      scores = record(out, f"fuse_{name}", scores)
     scores = record(out, self.upscore_names[-1], self.upscore_final(scores))
     logits = record(out, "crop", crop(scores, self.final_offset, h, w))
     return (logits, out) if return_intermediates else logits

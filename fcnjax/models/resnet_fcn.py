@@ -148,6 +148,10 @@ class TorchvisionFCN(nnx.Module):
   (:func:`resize_bilinear_masked`; logits are 0 on padding).
   """
 
+  resizes_to_input_size = True
+  """The logits are the scores resized to the whole input's size: zero-padding an image without
+  its mask stretches its scores by the padded size's ratio (exports record this)."""
+
   def __init__(self, backbone: resnet_lib.ResNet, num_classes: int = 21, *, aux: bool = True,
                dtype=None, rngs: nnx.Rngs):
     self.backbone = backbone

@@ -68,6 +68,8 @@ class ExportedModel:
   (tuple), ``palette`` ((256, 3) uint8), ``pad_value_rgb`` (tuple), ``translation_period``
   (int; ``None`` for a classifier whose metadata has none), ``input_multiple``,
   ``min_input_size`` ((h, w): the smallest image the artifact accepts; (1, 1) by default),
+  ``bucket_padding_safe`` (False when zero-padding an image changes its logits beyond its edge
+  rows, e.g. a model that resizes its scores to the whole input; then run images unpadded),
   ``platforms``.
 
   ``model(images)``: uint8 (N, H, W, 3) RGB -> float32 numpy logits, (N, H, W, num_classes) for
@@ -88,6 +90,7 @@ class ExportedModel:
     self.translation_period = None if period is None else int(period)
     self.input_multiple = int(meta.get("input_multiple") or 1)
     self.min_input_size = tuple(int(v) for v in meta.get("min_input_size") or (1, 1))
+    self.bucket_padding_safe = bool(meta.get("bucket_padding_safe", True))
     self.platforms = tuple(exported.platforms)
     self._call = jax.jit(exported.call)
 
