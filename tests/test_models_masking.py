@@ -162,3 +162,28 @@ def test_per_image_resize_matches_each_image_resized_alone(sizes):
     want = np.asarray(resize_bilinear(jnp.asarray(m[None]), h, w))[0]
     np.testing.assert_allclose(got[i, :h, :w], want, rtol=0, atol=1e-6 * np.abs(want).max())
     assert np.all(got[i][~mask[i]] == 0)
+
+
+class _OwnBackbone(nnx.Module):
+  """A user's backbone without a ``mask`` parameter (the protocol makes it optional)."""
+
+  final_stage, input_multiple = "feat", 1
+
+  def __init__(self, rngs):
+    from fcnjax.models import geometry
+    self.conv = nnx.Conv(3, 8, (3, 3), strides=2, padding=((1, 1), (1, 1)), rngs=rngs)
+    self.feature_channels = {"feat": 8}
+    self.coord_maps = {"feat": geometry.conv_map(3, 2, 1)}
+
+  def __call__(self, x):
+    return {"feat": self.conv(x)}
+
+
+def test_a_backbone_without_mask_still_works_in_fcn_and_predictor():
+  from fcnjax.inference import Predictor
+  from fcnjax.models import FCN
+  model = FCN(_OwnBackbone(nnx.Rngs(0)), 3, (), zero_init_scores=False, rngs=nnx.Rngs(0))
+  assert not model.backbone_takes_mask and masking.takes_mask(model)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 9, 11, 3)), jnp.float32)
+  np.testing.assert_array_equal(model(x, mask=jnp.ones((1, 9, 11), bool)), model(x))
+  assert Predictor(model).predict(np.zeros((9, 11, 3), np.uint8)).shape == (9, 11)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import inspect
 import math
 from typing import Iterable, Iterator
 
@@ -100,13 +99,15 @@ class _ModelBackend:
     import jax
     import jax.numpy as jnp
     from flax import nnx
+
+    from fcnjax.models import masking
     self.num_classes = int(model.num_classes)
     self.period = translation_period(model)
     bb = getattr(model, "backbone", None)
     self.input_multiple = int(getattr(bb, "input_multiple", 1))
     self.preprocessing = preprocessing
     graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
-    takes_mask = "mask" in inspect.signature(type(model).__call__).parameters
+    takes_mask = masking.takes_mask(model)
 
     def forward(params, rest, x, mask, want):
       m = nnx.merge(graphdef, params, rest, copy=True)

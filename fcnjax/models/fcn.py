@@ -72,6 +72,7 @@ class FCN(nnx.Module):
     self.skips = skips
     self.preprocessing = preprocessing
     self.ops = cpu_ops.resolve_ops(ops)
+    self.backbone_takes_mask = masking.takes_mask(backbone)
     self.upscore_names = tuple(f"upscore_{s}" for s in ("fr",) + skips)
     aligned = backbone.input_multiple > 1
 
@@ -143,7 +144,8 @@ class FCN(nnx.Module):
 
     ``mask`` (N, H, W) bool marks each image's pixels in a zero-padded batch (the trainer's
     size buckets); it goes to the backbone, whose BatchNorms (ResNet, VGG16-BN) then use image
-    cells only (:mod:`fcnjax.models.masking`). On a backbone that maps the mask to its feature
+    cells only (:mod:`fcnjax.models.masking`; a backbone without a ``mask`` parameter does
+    not get it). On a backbone that maps the mask to its feature
     grids (``feature_mask``: the ResNets) the score maps and fusions are also zeroed outside
     each image's cells, so every image gets its lone logits; on VGG, near its bottom / right
     edge an image's logits see the padding's scores through the upsampling.
@@ -163,11 +165,12 @@ class FCN(nnx.Module):
       pad = ((0, 0), (0, m * ((h + m - 1) // m) - h), (0, m * ((w + m - 1) // m) - w))
       x = record(out, "pad", jnp.pad(x, pad + ((0, 0),)))
       mask = None if mask is None else jnp.pad(mask, pad)
+    kw = {"mask": mask} if self.backbone_takes_mask else {}
     if return_intermediates:
-      feats, backbone_out = self.backbone(x, mask=mask, return_intermediates=True)
+      feats, backbone_out = self.backbone(x, return_intermediates=True, **kw)
       out.update(backbone_out)
     else:
-      feats = self.backbone(x, mask=mask)
+      feats = self.backbone(x, **kw)
     final = feats[self.backbone.final_stage]
     if final.shape[1] < 1 or final.shape[2] < 1:
       raise ValueError(

@@ -21,10 +21,18 @@ Shapes: ``mask`` / ``valid`` (B, H, W) bool; ``x`` (B, H, W, C).
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 
 from fcnjax.models import geometry
+
+
+def takes_mask(module) -> bool:
+  """Whether ``module(x, mask=...)`` is accepted: its ``__call__`` has a ``mask`` parameter (the
+  fcnjax models and backbones; a backbone or model of your own need not)."""
+  return "mask" in inspect.signature(type(module).__call__).parameters
 
 
 def image_sizes(mask: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -15,9 +15,11 @@ of the 3×3 convs from that stage on, as torchvision does (output stride 8 with
 chapter): BN + ReLU before each block's convs, the stride on the *last* block of stages 1–3,
 a final ``post_bn`` + ReLU.
 
-Both follow the backbone protocol of :mod:`fcnjax.models.vgg`: ``__call__(x) -> {"layer1": ...,
-"layer4": ...}`` (torchvision: strides 4, 8, 16, 32 without dilation; Keras V2: 8, 16, 32,
-32), ``feature_channels``, ``coord_maps``
+Both follow the backbone protocol of :mod:`fcnjax.models.vgg`: ``__call__(x, mask=None) ->
+{"layer1": ..., "layer4": ...}`` (torchvision: strides 4, 8, 16, 32 without dilation; Keras
+V2: 8, 16, 32, 32; ``mask``: each image's pixels in a zero-padded batch, for BatchNorm over
+image cells only, :mod:`fcnjax.models.masking`), ``feature_mask(mask, stage)`` (the image
+cells of a feature map), ``feature_channels``, ``coord_maps``
 (every conv pads ``(k - 1) / 2``·dilation, so every map is ``image / stride`` with shift 0),
 ``final_stage = "layer4"``, ``input_multiple = 1``, ``layer_modules()`` and
 ``return_intermediates`` (names: ``stem``, ``maxpool``, ``layer1.0`` … per block, and for V2

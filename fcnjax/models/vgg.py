@@ -12,6 +12,9 @@ but the reference weights are trained for the exact variant.
 A backbone is any NNX module with this protocol, which :class:`~fcnjax.models.fcn.FCN` consumes:
 
 * ``__call__(x) -> dict[str, Array]``: named feature maps (``"pool1"`` … ``"pool5"``, ``"fc7"``).
+  Optionally a ``mask`` keyword ((N, H, W) bool, each image's pixels in a zero-padded batch:
+  :mod:`fcnjax.models.masking`) and ``feature_mask(mask, stage)`` giving the image cells of a
+  feature map (the ResNets), with which :class:`~fcnjax.models.fcn.FCN` masks its heads too.
   Optionally ``__call__(x, return_intermediates=True) -> (features, out)``, ``out`` an ordered
   dict of per-layer outputs, and ``layer_modules()`` naming the modules behind them (used by
   ``FCN(..., return_intermediates=True)`` and :mod:`fcnjax.models.summary`).
