@@ -311,10 +311,21 @@ class PreActBottleneck(nnx.Module):
     if self.shortcut is not None:
       identity = self.shortcut(pre)
     else:
-      identity = x[:, ::self.stride, ::self.stride, :] if self.stride > 1 else x
+      identity = _subsample(x, self.stride)
     y = jax.nn.relu(masking.batch_norm(self.bn1, self.conv1(pre), mask))
     y = jax.nn.relu(masking.batch_norm(self.bn2, self.conv2(y), out_mask))
     return self.conv3(y) + identity
+
+
+def _subsample(x: jax.Array, stride: int) -> jax.Array:
+  """Every ``stride``-th row and column of (N, H, W, C): Keras' ``MaxPooling2D(1, strides)``.
+  As a window-1 ``reduce_window`` its output length has the conv's form ``(H - 1) // s + 1``,
+  which ``jax.export`` can match with the residual branch's for symbolic H (a slice's
+  ``ceil(H / s)`` it cannot)."""
+  if stride == 1:
+    return x
+  return jax.lax.reduce_window(x, np.array(-np.inf, x.dtype), jax.lax.max, (1, 1, 1, 1),
+                               (1, stride, stride, 1), "VALID")
 
 
 class PreActResNet(_Backbone):
