@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from fcnjax.models import masking
 from fcnjax.train.loss import classification_loss, dice_loss, segmentation_loss
 from fcnjax.train.metrics import update_confusion
 
@@ -80,10 +81,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, reduction: st
   their running statistics in training too and never update them (fine-tuning at small
   per-device batches); their scale and bias are still learnt.
 
-  The model sees ``model(batch["image"], mask=batch["mask"])``: BatchNorm statistics in
-  training are over the image pixels' cells of the **global** batch (under a mesh the batch is
-  one sharded array and XLA reduces across devices: SyncBN semantics); a size bucket's padding
-  and its dummy examples never enter them (:mod:`fcnjax.models.masking`).
+  The model sees ``model(batch["image"], mask=batch["mask"])`` (if it takes a mask): BatchNorm
+  statistics in training are over the image pixels' cells of the **global** batch (under a mesh
+  the batch is one sharded array and XLA reduces across devices: SyncBN semantics); a size
+  bucket's padding and its dummy examples never enter them (:mod:`fcnjax.models.masking`).
 
   ``metrics``: float32 scalars ``loss`` (the total that was differentiated), ``valid_pixels``,
   ``grad_norm`` (global L2 norm of the gradients, before the optimizer), with Dice on also
@@ -106,10 +107,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, reduction: st
       model.train()
       if frozen_batch_norm:
         freeze_batch_norm(model)
+      kw = _mask_kwarg(model, batch)
       if aux_weight > 0:
-        logits, aux_logits = model(batch["image"], mask=batch["mask"], return_aux=True)
+        logits, aux_logits = model(batch["image"], return_aux=True, **kw)
       else:
-        logits = model(batch["image"], mask=batch["mask"])
+        logits = model(batch["image"], **kw)
       ce, valid = segmentation_loss(logits, batch["label"], batch["mask"],
                                     reduction=reduction, class_weights=class_weights)
       terms = {"valid_pixels": valid}
@@ -140,6 +142,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, reduction: st
                  **kwargs)
 
 
+def _mask_kwarg(model, batch) -> dict:
+  """``{"mask": batch["mask"]}`` for a model that takes the mask (every fcnjax segmenter),
+  else nothing (a model of your own need not take one)."""
+  return {"mask": batch["mask"]} if masking.takes_mask(model) else {}
+
+
 def freeze_batch_norm(model: nnx.Module) -> None:
   """Every ``nnx.BatchNorm`` of ``model`` normalises with (and keeps) its running statistics."""
   for _, m in nnx.iter_modules(model):
@@ -159,7 +167,7 @@ def make_eval_step(graphdef):
   def eval_step(params, rest, hist, batch):
     model = nnx.merge(graphdef, params, rest, copy=True)
     model.eval()
-    logits = model(batch["image"], mask=batch["mask"])
+    logits = model(batch["image"], **_mask_kwarg(model, batch))
     return update_confusion(hist, logits, batch["label"], batch["mask"])
 
   return jax.jit(eval_step, donate_argnums=(2,), compiler_options=step_compiler_options())
