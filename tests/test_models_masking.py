@@ -56,7 +56,8 @@ def _pad(images, shape, dummies=1):
 MODELS = ["d2l_fcn_resnet18", "fcn_resnet50", "d2l_fcn_resnet101v2"]
 
 
-@pytest.mark.parametrize("name", MODELS + ["fcn8s-resnet18"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) for n in MODELS[:2]]
+                         + MODELS[2:] + ["fcn8s-resnet18"])  # (slow: >= 20 s on 2 cores)
 def test_eval_padded_batch_gives_each_image_its_lone_logits(name):
   model = _randomise_batch_stats(build_model(name, 4, width_multiplier=1 / 16, seed=0), 1)
   model.eval()
@@ -120,7 +121,8 @@ def test_batch_norm_with_no_valid_cell_does_not_divide_by_zero():
   assert np.all(np.isfinite(np.asarray(bn.mean[...]))) and np.all(np.asarray(y) == 0)
 
 
-@pytest.mark.parametrize("aligned, pool", [(False, "ceil"), (True, "ceil"), (True, "floor")])
+@pytest.mark.parametrize("aligned, pool", [pytest.param(False, "ceil", marks=pytest.mark.slow),
+                                           (True, "ceil"), (True, "floor")])
 def test_vgg_bn_backbone_features_ignore_padding(aligned, pool):
   """VGG16-BN (``model.batch_norm``): the pad-100 and aligned variants' BatchNorm statistics
   and pool5 cells, padded vs alone (mask from the layers' SizeOps)."""
