@@ -232,7 +232,11 @@ def main(argv=None) -> int:
         _err(f"{e} (--strict: stopped before predicting)")
         return EXIT_FAILURES
   shapes = predictor.plan(sizes)
-  mode = ("exact" if args.exact else f"bucketed ({len(shapes)} buckets)") + (
+  if predictor.exact and not args.exact:  # an export whose logits depend on the whole input
+    exact_mode = "exact (this export's logits depend on the whole input size: no padding)"
+  else:
+    exact_mode = "exact"
+  mode = (exact_mode if predictor.exact else f"bucketed ({len(shapes)} buckets)") + (
       f", tiles {args.tile[0]}x{args.tile[1]} overlap {overlap}" if args.tile else "") + (
       ", flip" if args.flip else "") + (
       f", scales {','.join(f'{s:g}' for s in args.scales)}" if args.scales != (1.0,) else "")
